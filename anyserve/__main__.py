@@ -1,0 +1,5 @@
+"""``python -m anyserve`` is the ``anyserve`` command."""
+
+from anyserve.cli import main
+
+main()

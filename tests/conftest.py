@@ -78,7 +78,7 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.alive():
             os.kill(self.pid, sig)
 

@@ -1,0 +1,627 @@
+"""The replica process: one user app behind a KServe v2 gRPC server.
+
+``run(config)`` loads the app (user code is imported here, inside the child), serves
+it with grpc.aio, registers with the API server once serving, heartbeats, and on
+SIGINT/SIGTERM unregisters, finishes in-flight requests within the grace period and
+exits. Sync handlers run in a bounded thread pool so they never block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from anyserve import __version__
+from anyserve._proto import grpc_predict_v2_pb2 as pb
+from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+from anyserve.app import AnyServe, Handler
+from anyserve.context import Context, Stream, StreamClosed
+from anyserve.errors import (
+    AnyServeError,
+    BadRequest,
+    DeadlineExceeded,
+    DelegationLoop,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+)
+
+log = logging.getLogger("anyserve.replica")
+
+MAX_DELEGATION_DEPTH = 3
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """Everything a replica process needs, passed down from the CLI or the supervisor."""
+
+    app: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_server: str | None = None
+    object_store: Path | None = Path("/tmp/anyserve-objects")
+    replica_id: str | None = None
+    allow_pickle: bool = False
+    grace: float = 10.0
+    workers: int = field(default_factory=lambda: min(32, (os.cpu_count() or 1) + 4))
+    token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
+
+
+class AppLoadError(AnyServeError):
+    """The app reference cannot be imported or is not an AnyServe app."""
+
+
+def load_app(ref: str) -> AnyServe:
+    """Import ``module:attr`` (the current folder is importable, as with uvicorn)."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise AppLoadError(f"app {ref!r}: expected module:attribute, e.g. examples.app:app")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise AppLoadError(f"cannot import module {module_name!r} (from {ref!r}): {exc}") from exc
+        raise
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, AnyServe):
+        raise AppLoadError(f"{ref} is a {type(obj).__name__}, not an AnyServe app")
+    if not obj.handlers:
+        raise AppLoadError(f"{ref} declares no capabilities (use @app.capability(...))")
+    return obj
+
+
+# gRPC status for each error class, and the reverse for errors coming back from the API server.
+_GRPC_CODE: list[tuple[type[AnyServeError], grpc.StatusCode]] = [
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthorized, grpc.StatusCode.UNAUTHENTICATED),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (DelegationLoop, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def grpc_code(exc: AnyServeError) -> grpc.StatusCode:
+    for cls, code in _GRPC_CODE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+class Delegator:
+    """Forwards requests through the API server (delegation and ``Context.call``)."""
+
+    def __init__(self, api_server: str, replica_id: str, token: str | None) -> None:
+        import httpx
+
+        self.api_server = api_server.rstrip("/")
+        self.replica_id = replica_id
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+        self._async = httpx.AsyncClient(headers=headers, limits=limits, timeout=60.0)
+        self._sync = httpx.Client(headers=headers, limits=limits, timeout=60.0)
+
+    async def aclose(self) -> None:
+        await self._async.aclose()
+        self._sync.close()
+
+    def _headers(
+        self, query: Mapping[str, str], ctx: Context, visited: list[str], timeout: float | None
+    ) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/x-protobuf",
+            "X-Request-ID": ctx.request_id,
+            "X-Delegation-Depth": str(ctx.delegation_depth + 1),
+        }
+        if visited:
+            headers["X-Delegated-From"] = ",".join(visited)
+        if timeout is not None:
+            headers["X-Request-Timeout"] = str(timeout)
+        for key, value in query.items():
+            headers["X-Capability-" + "-".join(p.capitalize() for p in key.split("_"))] = value
+        return headers
+
+    @staticmethod
+    def _error(status: int, body: bytes) -> AnyServeError:
+        from anyserve.errors import from_status
+
+        try:
+            message = str(json.loads(body).get("detail", ""))
+        except (ValueError, AttributeError):
+            message = body.decode(errors="replace")[:500]
+        return from_status(status, message or f"API server answered {status}")
+
+    async def forward(
+        self,
+        query: Mapping[str, str],
+        request: pb.ModelInferRequest,
+        ctx: Context,
+        visited: list[str],
+        timeout: float | None = None,
+    ) -> pb.ModelInferResponse:
+        import httpx
+
+        headers = self._headers(query, ctx, visited, timeout)
+        try:
+            reply = await self._async.post(
+                self.api_server + "/infer", content=request.SerializeToString(), headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"API server not reachable at {self.api_server}: {exc}") from exc
+        if reply.status_code != 200:
+            raise self._error(reply.status_code, reply.content)
+        return pb.ModelInferResponse.FromString(reply.content)
+
+    async def forward_stream(
+        self,
+        query: Mapping[str, str],
+        request: pb.ModelInferRequest,
+        ctx: Context,
+        visited: list[str],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        import httpx
+
+        from anyserve.tensors import request_to_json, response_from_json
+
+        headers = self._headers(query, ctx, visited, None)
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(request_to_json(request)).encode()
+        try:
+            async with self._async.stream(
+                "POST", self.api_server + "/infer/stream", content=body, headers=headers
+            ) as reply:
+                if reply.status_code != 200:
+                    raise self._error(reply.status_code, await reply.aread())
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if "error" in event:
+                        yield pb.ModelStreamInferResponse(error_message=str(event["error"]))
+                        return
+                    yield pb.ModelStreamInferResponse(infer_response=response_from_json(event))
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"API server not reachable at {self.api_server}: {exc}") from exc
+
+    # Context.call / acall -------------------------------------------------
+
+    async def acall(
+        self, query: Mapping[str, str], request: pb.ModelInferRequest, ctx: Context,
+        timeout: float | None,
+    ) -> pb.ModelInferResponse:
+        return await self.forward(query, request, ctx, [], timeout)
+
+    def call(
+        self, query: Mapping[str, str], request: pb.ModelInferRequest, ctx: Context,
+        timeout: float | None,
+    ) -> pb.ModelInferResponse:
+        import httpx
+
+        headers = self._headers(query, ctx, [], timeout)
+        try:
+            reply = self._sync.post(
+                self.api_server + "/infer", content=request.SerializeToString(), headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"API server not reachable at {self.api_server}: {exc}") from exc
+        if reply.status_code != 200:
+            raise self._error(reply.status_code, reply.content)
+        return pb.ModelInferResponse.FromString(reply.content)
+
+
+def _handler_error(handler: Handler, exc: BaseException, request_id: str) -> str:
+    """Log the traceback here; the client only gets the message."""
+    log.error(
+        "request %s: handler %s raised\n%s",
+        request_id,
+        handler.name,
+        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
+    )
+    message = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {message}" if not isinstance(exc, AnyServeError) else message
+
+
+class InferenceServicer(pbg.GRPCInferenceServiceServicer):
+    """The seven KServe v2 RPCs over one app."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.r = replica
+
+    # Health and metadata ---------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.r.ready)
+
+    def _model_query(self, name: str, version: str) -> dict[str, str]:
+        query = {"type": name} if name else {}
+        if version:
+            query["model"] = version
+        return query
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        query = self._model_query(request.name, request.version)
+        found = bool(query) and self.r.app.find_handler(query) is not None
+        return pb.ModelReadyResponse(ready=self.r.ready and found)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="anyserve", version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        query = self._model_query(request.name, request.version)
+        matches = [h for h in self.r.app.handlers if query and h.capability.matches(query)]
+        if not matches:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self.r.not_found_message(query))
+        versions = sorted({str(h.capability.attrs.get("model", "")) for h in matches} - {""})
+        return pb.ModelMetadataResponse(name=request.name, versions=versions, platform="anyserve")
+
+    # Inference ---------------------------------------------------------------
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
+        return await self.r.infer(request, context)
+
+    async def ModelStreamInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
+        async for message in self.r.infer_stream(request, context):
+            yield message
+
+
+class Replica:
+    """One app served over gRPC, plus its registration with the API server."""
+
+    def __init__(self, config: ReplicaConfig, app: AnyServe) -> None:
+        self.config = config
+        self.app = app
+        self.replica_id = config.replica_id or f"replica-{secrets.token_hex(4)}"
+        self.instance = secrets.token_hex(8)
+        self.ready = False
+        self.endpoint = ""
+        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="handler")
+        self.delegator: Delegator | None = None
+        self._objects: Any = None
+        self._registered = False
+        self._stop = asyncio.Event()
+        self._in_flight = 0
+
+    # Handler resolution ---------------------------------------------------------
+
+    def objects(self) -> Any:
+        if self._objects is None and self.config.object_store is not None:
+            from anyserve.objects import ObjectStore
+
+            self._objects = ObjectStore(
+                self.config.object_store, allow_pickle=self.config.allow_pickle
+            )
+        return self._objects
+
+    def not_found_message(self, query: Mapping[str, str], stream: bool | None = None) -> str:
+        wanted = ",".join(f"{k}={v}" for k, v in query.items()) or "(no capability given)"
+        serves = "; ".join(h.capability.label() for h in self.app.handlers)
+        kind = "stream " if stream else ""
+        return f"no {kind}handler for {wanted} on replica {self.replica_id} (it serves: {serves})"
+
+    def resolve(
+        self, request: pb.ModelInferRequest, metadata: Mapping[str, str], stream: bool
+    ) -> tuple[Handler | None, dict[str, str]]:
+        raw = metadata.get("anyserve-capability")
+        if raw:
+            try:
+                query = {str(k): str(v) for k, v in json.loads(raw).items()}
+            except (ValueError, AttributeError):
+                query = {}
+            if query:
+                for handler in self.app.handlers:
+                    if handler.capability.stream == stream and handler.capability.equals(query):
+                        return handler, query
+                return self.app.find_handler(query, stream=stream), query
+        query = {"type": request.model_name} if request.model_name else {}
+        if request.model_version:
+            query["model"] = request.model_version
+        if not query:
+            return None, query
+        return self.app.find_handler(query, stream=stream), query
+
+    def context(self, metadata: Mapping[str, str], query: Mapping[str, str]) -> Context:
+        try:
+            depth = int(metadata.get("x-delegation-depth", "0") or 0)
+        except ValueError:
+            depth = 0
+        return Context(
+            replica_id=self.replica_id,
+            capability=query,
+            request_id=metadata.get("x-request-id") or secrets.token_hex(8),
+            objects=self.objects(),
+            api_server=self.config.api_server,
+            delegation_depth=depth,
+            caller=self.delegator,
+        )
+
+    async def _delegate_check(
+        self, query: Mapping[str, str], metadata: Mapping[str, str], stream: bool, context: Any
+    ) -> list[str]:
+        """Abort unless this request may be delegated; return the visited replica ids."""
+        if self.delegator is None or not query:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self.not_found_message(query, stream))
+        visited = [v for v in metadata.get("x-delegated-from", "").split(",") if v]
+        try:
+            depth = int(metadata.get("x-delegation-depth", "0") or 0)
+        except ValueError:
+            depth = 0
+        if depth >= MAX_DELEGATION_DEPTH:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"delegation depth limit ({MAX_DELEGATION_DEPTH}) reached for "
+                f"{','.join(f'{k}={v}' for k, v in query.items())}; visited: {', '.join(visited)}",
+            )
+        return [*visited, self.replica_id]
+
+    async def infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        handler, query = self.resolve(request, metadata, stream=False)
+        ctx = self.context(metadata, query)
+        started = time.perf_counter()
+        if handler is None:
+            visited = await self._delegate_check(query, metadata, False, context)
+            assert self.delegator is not None
+            log.info("request %s: delegating %s", ctx.request_id, query)
+            try:
+                return await self.delegator.forward(query, request, ctx, visited)
+            except AnyServeError as exc:
+                await context.abort(grpc_code(exc), exc.message)
+        assert handler is not None
+        self._in_flight += 1
+        try:
+            args: tuple[Any, ...] = (request, ctx)[: handler.arity]
+            if handler.is_async:
+                result = await handler.func(*args)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self.pool, handler.func, *args)
+        except AnyServeError as exc:
+            _handler_error(handler, exc, ctx.request_id)
+            await context.abort(grpc_code(exc), exc.message)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.UNKNOWN, _handler_error(handler, exc, ctx.request_id))
+        finally:
+            self._in_flight -= 1
+        response = self._coerce(result, request)
+        if response is None:
+            message = (
+                f"handler {handler.name} returned {type(result).__name__}, "
+                "expected a ModelInferResponse"
+            )
+            log.error("request %s: %s", ctx.request_id, message)
+            await context.abort(grpc.StatusCode.INTERNAL, message)
+        log.info(
+            "request %s %s ok %.1fms",
+            ctx.request_id,
+            handler.capability.label(),
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+    @staticmethod
+    def _coerce(result: Any, request: pb.ModelInferRequest) -> pb.ModelInferResponse | None:
+        if isinstance(result, pb.ModelInferResponse):
+            return result
+        if isinstance(result, Mapping):
+            from anyserve.tensors import make_response
+
+            return make_response(request, **{str(k): v for k, v in result.items()})
+        return None
+
+    async def infer_stream(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        metadata = dict(context.invocation_metadata() or ())
+        handler, query = self.resolve(request, metadata, stream=True)
+        ctx = self.context(metadata, query)
+        if handler is None:
+            visited = await self._delegate_check(query, metadata, True, context)
+            assert self.delegator is not None
+            try:
+                async for message in self.delegator.forward_stream(query, request, ctx, visited):
+                    yield message
+            except AnyServeError as exc:
+                yield pb.ModelStreamInferResponse(error_message=exc.message)
+            return
+        stream = Stream()
+        # The RPC ends (client gone, deadline, server stop): the handler's next send raises.
+        context.add_done_callback(lambda _ctx: stream.cancel())
+        task = asyncio.ensure_future(self._produce(handler, request, ctx, stream))
+        self._in_flight += 1
+        try:
+            async for message in stream.messages():
+                yield message
+            await task
+        finally:
+            self._in_flight -= 1
+            stream.cancel()
+            if not task.done():
+                # Async handlers stop here; a sync one stops at its next send.
+                task.cancel()
+
+    async def _produce(
+        self, handler: Handler, request: pb.ModelInferRequest, ctx: Context, stream: Stream
+    ) -> None:
+        """Run a stream handler to completion, then close the stream (with an error if it raised)."""
+        args = (request, ctx, stream)[: handler.arity]
+        try:
+            if handler.is_async and handler.is_generator:
+                async for message in handler.func(*args):
+                    stream.send(message)
+            elif handler.is_async:
+                await handler.func(*args)
+            else:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.pool, _run_sync_stream, handler, args, stream)
+        except StreamClosed:
+            pass  # the client went away or the handler closed the stream itself
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            message = _handler_error(handler, exc, ctx.request_id)
+            if not stream.closed:
+                stream.error(message)
+        finally:
+            stream.close()
+
+    # Registration --------------------------------------------------------------------
+
+    def registration(self) -> dict[str, Any]:
+        return {
+            "replica_id": self.replica_id,
+            "endpoint": self.endpoint,
+            "capabilities": self.app.get_capabilities(),
+            "instance": self.instance,
+        }
+
+    async def register_and_heartbeat(self) -> None:
+        """Register once serving, then heartbeat; never give up while the replica runs."""
+        assert self.delegator is not None
+        client = self.delegator._async
+        url = self.delegator.api_server
+        interval = 2.0
+        warned = False
+        path = "/register"
+        while not self._stop.is_set():
+            try:
+                reply = await client.post(url + path, json=self.registration(), timeout=5.0)
+                if reply.status_code == 200:
+                    body = reply.json()
+                    interval = float(body.get("heartbeat_interval", interval) or interval)
+                    if not self._registered or body.get("registered"):
+                        log.info("registered %s at %s as %s", self.endpoint, url, self.replica_id)
+                    self._registered = True
+                    warned = False
+                    path = "/heartbeat"
+                elif reply.status_code == 409:
+                    log.error("API server refused %s: %s", self.replica_id, reply.text[:300])
+                else:
+                    log.warning("API server answered %s: %s", reply.status_code, reply.text[:300])
+            except Exception as exc:  # keep serving standalone while the API server is away
+                if not warned:
+                    log.warning("API server %s not reachable (%s); retrying", url, exc)
+                    warned = True
+                path = "/register"
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+
+    async def unregister(self) -> None:
+        if self.delegator is None or not self._registered:
+            return
+        try:
+            await self.delegator._async.request(
+                "DELETE",
+                self.delegator.api_server + "/unregister",
+                json={"replica_id": self.replica_id, "instance": self.instance},
+                timeout=2.0,
+            )
+            log.info("unregistered %s", self.replica_id)
+        except Exception as exc:
+            log.warning("could not unregister from %s: %s", self.delegator.api_server, exc)
+
+    # Lifecycle -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        options = [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        server = grpc.aio.server(options=options)
+        pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise Unavailable(
+                f"cannot listen on {address}: the port is already in use or the address is "
+                "not available; choose another --port (0 picks a free one)"
+            )
+        advertised = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        self.endpoint = f"{advertised}:{port}"
+        if self.config.api_server:
+            self.delegator = Delegator(self.config.api_server, self.replica_id, self.config.token)
+        await server.start()
+        self.ready = True
+        caps = "; ".join(h.capability.label() for h in self.app.handlers)
+        print(
+            f"anyserve replica {self.replica_id} serving on {self.endpoint}: {caps}",
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        signalled: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            signalled.append(signum)
+            if len(signalled) > 1:
+                os._exit(128 + signum)  # a second signal forces
+            self._stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        beat = asyncio.ensure_future(self.register_and_heartbeat()) if self.delegator else None
+        await self._stop.wait()
+        log.info("shutting down: finishing in-flight requests (grace %.1fs)", self.config.grace)
+        if beat is not None:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        await self.unregister()
+        self.ready = False
+        await server.stop(self.config.grace)
+        if self.delegator is not None:
+            await self.delegator.aclose()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_sync_stream(handler: Handler, args: tuple[Any, ...], stream: Stream) -> None:
+    result = handler.func(*args)
+    if handler.is_generator:
+        for message in result:
+            stream.send(message)
+
+
+def run(config: ReplicaConfig) -> None:
+    """Serve ``config.app`` until SIGINT/SIGTERM (the sync shell around :meth:`Replica.serve`)."""
+    logging.basicConfig(
+        level=os.environ.get("ANYSERVE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    app = load_app(config.app)
+    replica = Replica(config, app)
+    asyncio.run(replica.serve())

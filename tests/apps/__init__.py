@@ -1,0 +1,1 @@
+"""Small apps the tests serve in real replica processes."""

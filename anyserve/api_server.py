@@ -1,0 +1,1116 @@
+"""The API server: registry, capability routing, JSON/SSE ⇄ gRPC, objects over HTTP.
+
+The request flow is ``route function`` → :class:`Gateway` (asks the :class:`Registry` for
+a replica, calls it over a cached gRPC channel) → reply. Everything that can go wrong is
+an :class:`~anyserve.errors.AnyServeError` raised from there and turned into
+``{"detail": message}`` with its status by the one error handler, :func:`error_response`.
+
+Run it with ``python -m anyserve.api_server --port 8080`` or ``anyserve api-server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from anyserve._proto import grpc_predict_v2_pb2 as pb
+from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+from anyserve.errors import (
+    AnyServeError,
+    BadRequest,
+    DeadlineExceeded,
+    DelegationLoop,
+    HandlerError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+    UpstreamError,
+)
+from anyserve.registry import Choice, Registry, format_query
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from anyserve.objects import ObjectStore
+
+__all__ = ["ApiServerConfig", "Gateway", "create_app", "main", "run"]
+
+log = logging.getLogger("anyserve.api_server")
+
+#: Requests may be delegated this many times; one more is a loop (508).
+MAX_DELEGATION_DEPTH = 3
+#: gRPC message limit both ways; the replica uses the same.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+#: How often leases are checked; well below any sensible TTL.
+EVICT_EVERY = 0.5
+#: Bytes per read when streaming an object out.
+DOWNLOAD_CHUNK = 256 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # gRPC's default backoff grows to 120 s; a replica restarted on the same port must be
+    # reachable again within a second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Our own "try the next replica" is the retry policy; gRPC's would hide which one failed.
+    ("grpc.enable_retries", 0),
+]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_CAPABILITY_PREFIX = "x-capability-"
+_PROTOBUF = "application/x-protobuf"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ApiServerConfig:
+    """Everything the API server process needs (from the CLI or the supervisor)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    lease_ttl: float = 8.0
+    heartbeat_interval: float = 2.0
+    object_store: Path = Path("/tmp/anyserve-objects")
+    request_timeout: float = 60.0
+    log_level: str = "info"
+    #: Largest object accepted by ``POST /objects`` (bytes).
+    max_object_size: int = 1024**3
+    #: On shutdown, open streams are ended at once; other requests get this long to finish.
+    shutdown_timeout: float = 5.0
+
+
+# --------------------------------------------------------------------------- per-request routing
+
+
+@dataclass
+class Routing:
+    """What the headers of one infer request say about where it may go."""
+
+    query: dict[str, str]
+    request_id: str
+    timeout: float
+    visited: list[str]
+    depth: int
+
+    @classmethod
+    def from_request(cls, request: Request, default_timeout: float) -> Routing:
+        """Parse the ``X-Capability-*``, delegation and timeout headers; 400/508 when wrong."""
+        query: dict[str, str] = {}
+        for name, value in request.headers.items():
+            if name.startswith(_CAPABILITY_PREFIX) and len(name) > len(_CAPABILITY_PREFIX):
+                key = name[len(_CAPABILITY_PREFIX) :].replace("-", "_")
+                if not value.strip():
+                    raise BadRequest(f"header {name} is empty; give the capability's value")
+                query[key] = value.strip()
+        if not query:
+            raise BadRequest(
+                "no X-Capability-* header: say which capability to call, "
+                "e.g. -H 'X-Capability-Type: chat'"
+            )
+        timeout = default_timeout
+        raw_timeout = request.headers.get("x-request-timeout")
+        if raw_timeout is not None:
+            try:
+                timeout = float(raw_timeout)
+            except ValueError:
+                timeout = math.nan
+            if not (math.isfinite(timeout) and timeout > 0):
+                raise BadRequest(
+                    f"X-Request-Timeout must be a positive number of seconds, not {raw_timeout!r}"
+                )
+        visited = [v.strip() for v in request.headers.get("x-delegated-from", "").split(",")]
+        visited = [v for v in visited if v]
+        if any(not (v.isascii() and v.isprintable()) for v in visited):
+            raise BadRequest("X-Delegated-From must be a comma-separated list of replica ids")
+        raw_depth = request.headers.get("x-delegation-depth", "0").strip() or "0"
+        if not raw_depth.isdigit():
+            raise BadRequest(f"X-Delegation-Depth must be a whole number, not {raw_depth!r}")
+        depth = int(raw_depth)
+        if depth > MAX_DELEGATION_DEPTH:
+            trail = f" (visited: {', '.join(visited)})" if visited else ""
+            raise DelegationLoop(
+                f"request for {format_query(query)} was delegated {depth} times, past the "
+                f"limit of {MAX_DELEGATION_DEPTH}{trail}: replicas keep forwarding a request "
+                "none of them serves; check the capabilities in /registry"
+            )
+        return cls(
+            query=query,
+            request_id=request.state.request_id,
+            timeout=timeout,
+            visited=visited,
+            depth=depth,
+        )
+
+    def metadata(self, choice: Choice) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata of docs/protocol.md for a call to ``choice``."""
+        items = [
+            ("x-request-id", self.request_id),
+            ("anyserve-capability", choice.capability.metadata),
+            ("x-delegation-depth", str(self.depth)),
+        ]
+        if self.visited:
+            items.append(("x-delegated-from", ",".join(self.visited)))
+        return tuple(items)
+
+
+def _routing_headers(choice: Choice) -> dict[str, str]:
+    """Reply headers that say which replica answered and what the alternatives were."""
+    return {
+        "X-AnyServe-Replica": choice.replica_id,
+        "X-AnyServe-Candidates": ",".join(f"{rid}={n}" for rid, n in choice.candidates),
+    }
+
+
+def _not_sent(exc: grpc.aio.AioRpcError) -> bool:
+    """True when the call failed before reaching the replica, so another may take it."""
+    # gRPC reports a connection that could not be made as UNAVAILABLE "failed to connect
+    # to all addresses"; a connection lost mid-call says "Socket closed" or similar, and
+    # then the handler may have run, so it is not retried.
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (
+        exc.details() or ""
+    )
+
+
+def _translate(exc: grpc.aio.AioRpcError, choice: Choice, timeout: float) -> AnyServeError:
+    """The AnyServe error for a failed gRPC call to ``choice``."""
+    code, details = exc.code(), exc.details() or ""
+    where = f"replica {choice.replica_id} at {choice.endpoint}"
+    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        # A handler error: the replica already logged the traceback; the client gets the message.
+        return HandlerError(details or f"{where} failed without a message")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"{where} is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(
+            f"no reply from {where} within {timeout:g}s "
+            "(send X-Request-Timeout: <seconds> for longer requests)"
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return BadRequest(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "larger than max" in details or "message larger" in details.lower():
+            return PayloadTooLarge(f"{details} (the limit is {MAX_MESSAGE_BYTES} bytes)")
+        return Unavailable(f"{where} is overloaded: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        # The replica uses this code for a delegation that went past the depth limit.
+        return DelegationLoop(details)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return Unauthorized(details)
+    if code == grpc.StatusCode.CANCELLED:
+        return Unavailable(f"{where} cancelled the request: {details}")
+    return UpstreamError(f"{where} answered {code.name}: {details}")
+
+
+# --------------------------------------------------------------------------- channels and streams
+
+
+class Channels:
+    """One gRPC channel per replica endpoint, created on first use and reused.
+
+    A channel whose endpoint has left the registry is closed with a grace period, so
+    requests still running on it (a replica being drained in a rolling reload) finish.
+    """
+
+    def __init__(self, close_grace: float) -> None:
+        self._close_grace = close_grace
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pbg.GRPCInferenceServiceStub]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def stub(self, endpoint: str) -> pbg.GRPCInferenceServiceStub:
+        entry = self._stubs.get(endpoint)
+        if entry is None:
+            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            entry = (channel, pbg.GRPCInferenceServiceStub(channel))
+            self._stubs[endpoint] = entry
+        return entry[1]
+
+    def retain(self, endpoints: set[str]) -> None:
+        """Close (gracefully, in the background) every channel not in ``endpoints``."""
+        for endpoint in [e for e in self._stubs if e not in endpoints]:
+            channel, _ = self._stubs.pop(endpoint)
+            task = asyncio.ensure_future(channel.close(grace=self._close_grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every channel now (server shutdown)."""
+        channels = [channel for channel, _ in self._stubs.values()]
+        self._stubs.clear()
+        await asyncio.gather(*(c.close() for c in channels), *self._closing)
+
+    def __len__(self) -> int:
+        return len(self._stubs)
+
+
+@dataclass(eq=False)
+class _OpenStream:
+    call: grpc.aio.UnaryStreamCall[Any, Any]
+    shutting_down: bool = False
+
+
+class Streams:
+    """The SSE streams being served, so that shutdown can end them at once."""
+
+    def __init__(self) -> None:
+        self._open: set[_OpenStream] = set()
+
+    def add(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> _OpenStream:
+        entry = _OpenStream(call)
+        self._open.add(entry)
+        return entry
+
+    def discard(self, entry: _OpenStream) -> None:
+        self._open.discard(entry)
+
+    def end_all(self) -> int:
+        """Cancel every open stream's gRPC call; each ends with an error event."""
+        for entry in self._open:
+            entry.shutting_down = True
+            entry.call.cancel()
+        return len(self._open)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+class Gateway:
+    """The API server's state and the request path: registry, channels, streams, store."""
+
+    def __init__(self, config: ApiServerConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry(config.lease_ttl, config.heartbeat_interval)
+        self.channels = Channels(close_grace=config.request_timeout)
+        self.streams = Streams()
+        self.started = time.time()
+        self._store: ObjectStore | None = None
+
+    # Registry changes ---------------------------------------------------------------
+
+    def forget_gone(self) -> None:
+        """Evict expired leases and close the channels nobody needs any more."""
+        for record in self.registry.expire():
+            log.warning(
+                "evicted replica %s at %s: no heartbeat for over %gs",
+                record.replica_id,
+                record.endpoint,
+                self.config.lease_ttl,
+            )
+        self.channels.retain(self.registry.endpoints())
+
+    # Unary -----------------------------------------------------------------------------
+
+    async def infer(
+        self, request: pb.ModelInferRequest, routing: Routing
+    ) -> tuple[pb.ModelInferResponse, Choice]:
+        """Send ``request`` to the least-loaded matching replica; its reply and the choice.
+
+        A replica that cannot be connected to is skipped once in favour of the next one.
+        """
+        exclude = list(routing.visited)
+        while True:
+            choice = self.registry.choose(routing.query, stream=False, exclude=exclude)
+            stub = self.channels.stub(choice.endpoint)
+            self.registry.begin(choice)
+            started = time.perf_counter()
+            ok = False
+            try:
+                reply = await stub.ModelInfer(
+                    request, metadata=routing.metadata(choice), timeout=routing.timeout
+                )
+                ok = True
+                return reply, choice
+            except grpc.aio.AioRpcError as exc:
+                if self._retry(exc, choice, routing, exclude, stream=False):
+                    continue
+                raise _translate(exc, choice, routing.timeout) from None
+            finally:
+                self.registry.finish(choice, (time.perf_counter() - started) * 1000, ok)
+
+    def _retry(
+        self,
+        exc: grpc.aio.AioRpcError,
+        choice: Choice,
+        routing: Routing,
+        exclude: list[str],
+        stream: bool,
+    ) -> bool:
+        """Whether to try another replica after ``exc`` (at most once per request)."""
+        if not _not_sent(exc) or len(exclude) > len(routing.visited):
+            return False
+        exclude.append(choice.replica_id)
+        if not self.registry.candidates(routing.query, stream, exclude):
+            return False
+        log.warning(
+            "request %s: replica %s at %s not reachable, trying another",
+            routing.request_id,
+            choice.replica_id,
+            choice.endpoint,
+        )
+        return True
+
+    # Streaming -----------------------------------------------------------------------
+
+    async def open_stream(
+        self, request: pb.ModelInferRequest, routing: Routing
+    ) -> tuple[AsyncIterator[bytes], Choice]:
+        """Start a stream; return its SSE events and the chosen replica.
+
+        The first message is awaited here, so that a replica or handler that fails at once
+        is an HTTP error status rather than a 200 carrying only an error event.
+        """
+        exclude = list(routing.visited)
+        while True:
+            choice = self.registry.choose(routing.query, stream=True, exclude=exclude)
+            stub = self.channels.stub(choice.endpoint)
+            self.registry.begin(choice)
+            started = time.perf_counter()
+            call = stub.ModelStreamInfer(
+                request, metadata=routing.metadata(choice), timeout=routing.timeout
+            )
+            entry = self.streams.add(call)
+            try:
+                first = await call.read()
+            except BaseException as exc:
+                call.cancel()
+                self.streams.discard(entry)
+                failed = isinstance(exc, grpc.aio.AioRpcError)
+                self.registry.finish(choice, (time.perf_counter() - started) * 1000, not failed)
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    if self._retry(exc, choice, routing, exclude, stream=True):
+                        continue
+                    raise _translate(exc, choice, routing.timeout) from None
+                if entry.shutting_down and not _task_cancelling():
+                    raise _SHUTTING_DOWN from None
+                raise
+            return self._events(entry, first, choice, routing, started), choice
+
+    async def _events(
+        self,
+        entry: _OpenStream,
+        first: Any,
+        choice: Choice,
+        routing: Routing,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        """Each gRPC message as one SSE event, written as soon as it arrives."""
+        from anyserve.tensors import stream_event_to_json
+
+        call = entry.call
+        ok = True
+        try:
+            message = first
+            while message is not grpc.aio.EOF:
+                if message.error_message:
+                    ok = False
+                yield _sse(stream_event_to_json(message))
+                message = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            ok = entry.shutting_down
+            yield _sse_error(_SHUTTING_DOWN if ok else _translate(exc, choice, routing.timeout))
+        except asyncio.CancelledError:
+            # Either the client went away (Starlette cancels this generator: nobody is left
+            # to tell) or shutdown cancelled the call (tell the client, then end).
+            if entry.shutting_down and not _task_cancelling():
+                yield _sse_error(_SHUTTING_DOWN)
+                return
+            raise
+        finally:
+            # Cancelling the call is what makes the handler's next stream.send raise.
+            call.cancel()
+            self.streams.discard(entry)
+            self.registry.finish(choice, (time.perf_counter() - started) * 1000, ok)
+
+    # Objects ---------------------------------------------------------------------------
+
+    async def objects(self) -> ObjectStore:
+        """The object store, opened on first use (its directory checks do I/O)."""
+        if self._store is None:
+            from anyserve.objects import ObjectStore
+
+            self._store = await run_in_threadpool(ObjectStore, self.config.object_store)
+        return self._store
+
+
+_SHUTTING_DOWN = Unavailable("the API server is shutting down; retry the request")
+
+
+def _task_cancelling() -> bool:
+    """Whether the current task itself is being cancelled (not just a call inside it)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def _sse(event: Any) -> bytes:
+    from anyserve.tensors import dumps
+
+    return b"data: " + dumps(event) + b"\n\n"
+
+
+def _sse_error(exc: AnyServeError) -> bytes:
+    return _sse({"error": exc.message, "status": exc.status})
+
+
+# --------------------------------------------------------------------------- helpers for routes
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    from anyserve.tensors import dumps
+
+    return Response(dumps(data), status_code=status, headers=headers, media_type="application/json")
+
+
+async def _json_body(request: Request) -> Any:
+    from anyserve.tensors import loads
+
+    body = await request.body()
+    if not body:
+        raise BadRequest("the request body is empty; send a JSON object")
+    return loads(body)
+
+
+def _note(request: Request, routing: Routing, choice: Choice | None = None) -> None:
+    """Record what the request-log line should say about routing."""
+    request.state.capability = format_query(routing.query)
+    if choice is not None:
+        request.state.replica = choice.replica_id
+
+
+# --------------------------------------------------------------------------- routes
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``."""
+    return _json({"status": "healthy"})
+
+
+async def register(request: Request) -> Response:
+    """``POST /register``: add or replace a replica's record (docs/protocol.md)."""
+    gateway = _gateway(request)
+    record = gateway.registry.register(await _json_body(request))
+    gateway.channels.retain(gateway.registry.endpoints())
+    log.info(
+        "registered replica %s at %s: %s",
+        record.replica_id,
+        record.endpoint,
+        "; ".join(str(c) for c in record.capabilities) or "no capabilities",
+    )
+    return _json(_lease_reply(gateway, record.replica_id))
+
+
+async def heartbeat(request: Request) -> Response:
+    """``POST /heartbeat``: renew a lease; an unknown id registers again."""
+    gateway = _gateway(request)
+    record, registered = gateway.registry.heartbeat(await _json_body(request))
+    if registered:
+        gateway.channels.retain(gateway.registry.endpoints())
+        log.info(
+            "re-registered replica %s at %s from its heartbeat", record.replica_id, record.endpoint
+        )
+    return _json({**_lease_reply(gateway, record.replica_id), "registered": registered})
+
+
+async def unregister(request: Request) -> Response:
+    """``DELETE /unregister`` (or ``POST``): remove a record, only by its owning instance."""
+    gateway = _gateway(request)
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest('the body must be a JSON object: {"replica_id": ..., "instance": ...}')
+    record = gateway.registry.unregister(body.get("replica_id"), body.get("instance"))
+    if record is None:
+        raise NotFound(f"no replica {body.get('replica_id')!r} is registered (see /registry)")
+    gateway.channels.retain(gateway.registry.endpoints())
+    log.info("unregistered replica %s at %s", record.replica_id, record.endpoint)
+    return _json({"success": True, "replica_id": record.replica_id})
+
+
+def _lease_reply(gateway: Gateway, replica_id: str) -> dict[str, Any]:
+    return {
+        "success": True,
+        "replica_id": replica_id,
+        "lease_ttl": gateway.config.lease_ttl,
+        "heartbeat_interval": gateway.config.heartbeat_interval,
+    }
+
+
+async def registry(request: Request) -> Response:
+    """``GET /registry``: every live replica with its state and load."""
+    replicas = _gateway(request).registry.snapshot()
+    return _json({"replicas": replicas, "total": len(replicas)})
+
+
+async def stats(request: Request) -> Response:
+    """``GET /stats``: totals since start and per-replica load (the dashboard reads this)."""
+    gateway = _gateway(request)
+    replicas = gateway.registry.snapshot()
+    return _json(
+        {
+            "uptime_s": round(time.time() - gateway.started, 3),
+            **gateway.registry.totals(),
+            "open_streams": len(gateway.streams),
+            "lease_ttl": gateway.config.lease_ttl,
+            "heartbeat_interval": gateway.config.heartbeat_interval,
+            "replicas": replicas,
+            "total": len(replicas),
+        }
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: the same counters in the Prometheus text format."""
+    gateway = _gateway(request)
+    return Response(
+        _prometheus(gateway),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+    )
+
+
+def _prometheus(gateway: Gateway) -> str:
+    replicas = gateway.registry.snapshot()
+    totals = gateway.registry.totals()
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, Any]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples if value is not None)
+
+    def per_replica(key: str) -> list[tuple[str, Any]]:
+        return [(f'{{replica="{_label(r["replica_id"])}"}}', r[key]) for r in replicas]
+
+    family("anyserve_replicas", "gauge", "Registered replicas.", [("", len(replicas))])
+    family(
+        "anyserve_open_streams", "gauge", "SSE streams being served.", [("", len(gateway.streams))]
+    )
+    family(
+        "anyserve_requests_total",
+        "counter",
+        "Requests sent to each replica.",
+        per_replica("requests"),
+    )
+    family(
+        "anyserve_errors_total",
+        "counter",
+        "Requests to each replica that failed.",
+        per_replica("errors"),
+    )
+    family(
+        "anyserve_in_flight",
+        "gauge",
+        "Requests each replica is serving now.",
+        per_replica("in_flight"),
+    )
+    latency = [
+        (f'{{replica="{_label(r["replica_id"])}",quantile="{q}"}}', r[key])
+        for r in replicas
+        for q, key in (("0.5", "p50_ms"), ("0.99", "p99_ms"))
+    ]
+    family(
+        "anyserve_request_latency_ms",
+        "gauge",
+        "Recent request latency per replica (milliseconds).",
+        latency,
+    )
+    family(
+        "anyserve_all_requests_total",
+        "counter",
+        "Requests routed since start, departed replicas included.",
+        [("", totals["requests"])],
+    )
+    family(
+        "anyserve_all_errors_total",
+        "counter",
+        "Failed requests since start, departed replicas included.",
+        [("", totals["errors"])],
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+async def infer_protobuf(request: Request) -> Response:
+    """``POST /infer``: a serialized ``ModelInferRequest`` in, ``ModelInferResponse`` out."""
+    from google.protobuf.message import DecodeError
+
+    gateway = _gateway(request)
+    routing = Routing.from_request(request, gateway.config.request_timeout)
+    _note(request, routing)
+    try:
+        message = pb.ModelInferRequest.FromString(await request.body())
+    except DecodeError as exc:
+        raise BadRequest(f"the body is not a serialized ModelInferRequest: {exc}") from None
+    reply, choice = await gateway.infer(message, routing)
+    _note(request, routing, choice)
+    return Response(
+        reply.SerializeToString(), media_type=_PROTOBUF, headers=_routing_headers(choice)
+    )
+
+
+async def infer_json(request: Request) -> Response:
+    """``POST /infer/json``: the seed's JSON request and reply shapes."""
+    from anyserve.tensors import request_from_json, response_to_json
+
+    gateway = _gateway(request)
+    routing = Routing.from_request(request, gateway.config.request_timeout)
+    _note(request, routing)
+    message = request_from_json(await _json_body(request))
+    reply, choice = await gateway.infer(message, routing)
+    _note(request, routing, choice)
+    return _json(response_to_json(reply), headers=_routing_headers(choice))
+
+
+async def infer_stream(request: Request) -> Response:
+    """``POST /infer/stream``: one ``data: <json>`` SSE event per message from the handler."""
+    from google.protobuf.message import DecodeError
+
+    from anyserve.tensors import request_from_json
+
+    gateway = _gateway(request)
+    routing = Routing.from_request(request, gateway.config.request_timeout)
+    _note(request, routing)
+    if request.headers.get("content-type", "").startswith(_PROTOBUF):
+        try:
+            message = pb.ModelInferRequest.FromString(await request.body())
+        except DecodeError as exc:
+            raise BadRequest(f"the body is not a serialized ModelInferRequest: {exc}") from None
+    else:
+        message = request_from_json(await _json_body(request))
+    events, choice = await gateway.open_stream(message, routing)
+    _note(request, routing, choice)
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={**_SSE_HEADERS, **_routing_headers(choice)},
+    )
+
+
+async def list_objects(request: Request) -> Response:
+    """``GET /objects``: every stored object's reference, oldest first."""
+    store = await _gateway(request).objects()
+    refs = await run_in_threadpool(store.list)
+    return _json({"objects": [r.to_dict() for r in refs], "total": len(refs)})
+
+
+async def upload_object(request: Request) -> Response:
+    """``POST /objects[?key=K][&type=json|bytes]``: store the body, streamed to disk."""
+    gateway = _gateway(request)
+    limit = gateway.config.max_object_size
+    content_type = request.query_params.get("type", "bytes")
+    if content_type not in ("json", "bytes"):
+        raise BadRequest(f"type must be json or bytes, not {content_type!r}")
+    key = request.query_params.get("key") or None
+    if key is not None:
+        from anyserve.objects import validate_key
+
+        validate_key(key)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        # Refused before reading a byte of it.
+        raise PayloadTooLarge(f"the upload is {length} bytes; the limit is {limit} bytes")
+    store = await gateway.objects()
+    try:
+        ref = await run_in_threadpool(
+            store.write_stream, _sync_chunks(request.stream()), key, content_type, limit
+        )
+    except ClientDisconnect:
+        raise BadRequest("the upload ended before its last byte; nothing was stored") from None
+    log.info("stored object %s (%d bytes, %s)", ref.key, ref.size, ref.content_type)
+    return _json(ref.to_dict(), status=201)
+
+
+def _sync_chunks(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """Pull an async byte stream from a worker thread (for the store's sync writer)."""
+    import anyio.from_thread
+
+    async def next_chunk() -> bytes | None:
+        try:
+            return await chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    while (chunk := anyio.from_thread.run(next_chunk)) is not None:
+        if chunk:
+            yield chunk
+
+
+async def download_object(request: Request) -> Response:
+    """``GET /objects/{key}``: the object's raw data, streamed."""
+    import anyio.to_thread
+
+    store = await _gateway(request).objects()
+    key = request.path_params["key"]
+    ref = await run_in_threadpool(store.stat, key)
+    file = await run_in_threadpool(store.open, key)
+    size = os.fstat(file.fileno()).st_size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            while chunk := await anyio.to_thread.run_sync(file.read, DOWNLOAD_CHUNK):
+                yield chunk
+        finally:
+            file.close()
+
+    media = "application/json" if ref.content_type == "json" else "application/octet-stream"
+    headers = {
+        "Content-Length": str(size),
+        "X-Object-Key": ref.key,
+        "X-Object-Type": ref.content_type,
+        "X-Object-Created-At": repr(ref.created_at),
+    }
+    return StreamingResponse(chunks(), media_type=media, headers=headers)
+
+
+async def delete_object(request: Request) -> Response:
+    """``DELETE /objects/{key}``."""
+    from anyserve.errors import ObjectNotFound
+
+    store = await _gateway(request).objects()
+    key = request.path_params["key"]
+    if not await run_in_threadpool(store.delete, key):
+        raise ObjectNotFound(f"no object {key!r} (see GET /objects)")
+    log.info("deleted object %s", key)
+    return _json({"success": True, "key": key})
+
+
+ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/register", register, methods=["POST"]),
+    Route("/heartbeat", heartbeat, methods=["POST"]),
+    Route("/unregister", unregister, methods=["DELETE", "POST"]),
+    Route("/registry", registry, methods=["GET"]),
+    Route("/stats", stats, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/infer", infer_protobuf, methods=["POST"]),
+    Route("/infer/json", infer_json, methods=["POST"]),
+    Route("/infer/stream", infer_stream, methods=["POST"]),
+    Route("/objects", list_objects, methods=["GET"]),
+    Route("/objects", upload_object, methods=["POST"]),
+    # `:path` so that a key with a '/' reaches the store's key check (400), not a 404.
+    Route("/objects/{key:path}", download_object, methods=["GET"]),
+    Route("/objects/{key:path}", delete_object, methods=["DELETE"]),
+]
+
+
+# --------------------------------------------------------------------------- the error handler
+
+
+async def error_response(request: Request, exc: Exception) -> Response:
+    """The one place an exception becomes an HTTP reply: ``{"detail": message}``."""
+    if isinstance(exc, AnyServeError):
+        return _json({"detail": exc.message}, status=exc.status)
+    if isinstance(exc, HTTPException):  # Starlette's own: unknown route, wrong method
+        return _json({"detail": exc.detail}, status=exc.status_code, headers=exc.headers)
+    # Anything else is a bug: the traceback goes to the log (RequestLog), not to the client.
+    request_id = getattr(request.state, "request_id", "?")
+    return _json({"detail": f"internal error (request id {request_id})"}, status=500)
+
+
+# --------------------------------------------------------------------------- request log
+
+
+class RequestLog:
+    """Outermost ASGI layer: the request id, and one log line per request.
+
+    The id is the client's ``X-Request-ID`` when it is sane, else a new one; it is echoed
+    on every reply. An unexpected exception is logged here once, with its traceback and
+    the request id, after the error handler has answered 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state: dict[str, Any] = scope.setdefault("state", {})
+        request_id = _request_id(scope)
+        state["request_id"] = request_id
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        failure: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # already answered 500 by the error handler
+            failure = exc
+        finally:
+            ms = (time.perf_counter() - started) * 1000
+            _log_request(scope, state, status or 500, ms, failure)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            if _REQUEST_ID.fullmatch(text):
+                return text
+            break
+    return secrets.token_hex(8)
+
+
+_QUIET = ("/health", "/heartbeat", "/registry", "/stats", "/metrics")
+
+
+def _log_request(
+    scope: Scope, state: Mapping[str, Any], status: int, ms: float, failure: BaseException | None
+) -> None:
+    path = scope.get("path", "")
+    parts = [f"request {state['request_id']}", scope.get("method", ""), path]
+    if "capability" in state:
+        parts.append(f"[{state['capability']}]")
+    if "replica" in state:
+        parts.append(f"-> {state['replica']}")
+    parts.append(f"{status} {ms:.1f}ms")
+    line = " ".join(parts)
+    if failure is not None:
+        log.error("%s: unexpected error", line, exc_info=failure)
+    elif status >= 500:
+        log.warning(line)
+    elif path in _QUIET and status < 400:
+        log.debug(line)  # replicas heartbeat every few seconds; keep that out of the log
+    else:
+        log.info(line)
+
+
+# --------------------------------------------------------------------------- app and process
+
+
+def create_app(
+    config: ApiServerConfig | None = None, registry: Registry | None = None
+) -> ApiServer:
+    """The ASGI application (a :class:`RequestLog` around the Starlette router)."""
+    return ApiServer(Gateway(config or ApiServerConfig(), registry))
+
+
+class ApiServer(RequestLog):
+    """The API server's ASGI app; ``gateway`` holds its state."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            sweeper = asyncio.ensure_future(_evict_forever(gateway))
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+                gateway.streams.end_all()
+                await gateway.channels.close()
+
+        router = Starlette(
+            routes=ROUTES,
+            # One handler; Starlette needs it listed per base class it dispatches on.
+            exception_handlers={
+                AnyServeError: error_response,
+                HTTPException: error_response,
+                Exception: error_response,
+            },
+            lifespan=lifespan,
+        )
+        router.state.gateway = gateway
+        super().__init__(router)
+
+
+async def _evict_forever(gateway: Gateway) -> None:
+    while True:
+        await asyncio.sleep(EVICT_EVERY)
+        try:
+            gateway.forget_gone()
+        except Exception:  # never let a bug stop eviction
+            log.exception("lease sweep failed")
+
+
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, but open SSE streams are ended before waiting for connections to close."""
+
+        gateway: Gateway
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            ended = self.gateway.streams.end_all()
+            if ended:
+                log.info("ending %d open stream(s)", ended)
+            await super().shutdown(sockets)
+
+    return Server
+
+
+def run(config: ApiServerConfig) -> None:
+    """Serve until SIGINT/SIGTERM (the sync shell around uvicorn)."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    app = create_app(config)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        access_log=False,  # RequestLog writes one line per request with its id
+        log_config=None,  # keep the logging set up above
+        log_level=config.log_level.lower(),
+        timeout_graceful_shutdown=max(1, math.ceil(config.shutdown_timeout)),
+    )
+    server = _server_class()(uv_config)
+    server.gateway = app.gateway
+    log.info(
+        "API server on http://%s:%d (lease %gs, heartbeat %gs, objects in %s)",
+        config.host,
+        config.port,
+        config.lease_ttl,
+        config.heartbeat_interval,
+        config.object_store,
+    )
+    server.run()
+    if not server.started:
+        # uvicorn logged why (usually: the port is taken); exit non-zero for the supervisor.
+        sys.exit(1)
+
+
+def parse_size(text: str) -> int:
+    """``"1G"``, ``"200M"``, ``"512k"`` or a number of bytes."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    factor = units.get(cleaned[-1:], 1)
+    number = cleaned[:-1] if cleaned[-1:] in units else cleaned
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 2G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ApiServerConfig:
+    """The command line of ``python -m anyserve.api_server``."""
+    d = ApiServerConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m anyserve.api_server",
+        description="AnyServe API server: registry, capability routing, objects over HTTP.",
+    )
+    p.add_argument("--host", default=d.host, help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
+    p.add_argument(
+        "--lease-ttl",
+        type=_positive,
+        default=d.lease_ttl,
+        help="seconds without heartbeat before a replica is evicted",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=_positive,
+        default=d.heartbeat_interval,
+        help="seconds between replica heartbeats (told to replicas)",
+    )
+    p.add_argument(
+        "--object-store",
+        type=Path,
+        default=d.object_store,
+        help="object store directory (default %(default)s)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_positive,
+        default=d.request_timeout,
+        help="default per-request deadline in seconds (X-Request-Timeout overrides)",
+    )
+    p.add_argument(
+        "--max-object-size",
+        type=parse_size,
+        default=d.max_object_size,
+        help="largest upload to POST /objects, e.g. 500M or 2G (default 1G)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=d.log_level,
+        choices=["critical", "error", "warning", "info", "debug"],
+    )
+    args = p.parse_args(argv)
+    return ApiServerConfig(
+        host=args.host,
+        port=args.port,
+        lease_ttl=args.lease_ttl,
+        heartbeat_interval=args.heartbeat_interval,
+        object_store=args.object_store,
+        request_timeout=args.request_timeout,
+        log_level=args.log_level,
+        max_object_size=args.max_object_size,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m anyserve.api_server [--host H] [--port P] ...``."""
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

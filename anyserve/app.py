@@ -37,7 +37,9 @@ class Capability:
 
     def matches(self, query: Mapping[str, object]) -> bool:
         """True when every key of ``query`` is an attribute with an equal value (as text)."""
-        return all(k in self.attrs and as_text(self.attrs[k]) == as_text(v) for k, v in query.items())
+        return all(
+            k in self.attrs and as_text(self.attrs[k]) == as_text(v) for k, v in query.items()
+        )
 
     def equals(self, query: Mapping[str, object]) -> bool:
         """True when ``query`` names exactly these attributes with equal values."""
@@ -114,7 +116,9 @@ class AnyServe:
             lo, hi = (1, 3) if stream else (1, 2)
             if not lo <= arity <= hi:
                 shape = "(request, context, stream)" if stream else "(request[, context])"
-                raise TypeError(f"handler {func.__name__} takes {arity} arguments; expected {shape}")
+                raise TypeError(
+                    f"handler {func.__name__} takes {arity} arguments; expected {shape}"
+                )
             is_gen = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
             self.handlers.append(
                 Handler(

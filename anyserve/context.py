@@ -216,7 +216,7 @@ class Context:
         (or is a ready ``ModelInferRequest``).
         """
         caller = self._require_api()
-        return caller.call(  # type: ignore[no-any-return]
+        return caller.call(
             parse_capability(capability), build_request(inputs), self, timeout
         )
 
@@ -225,7 +225,7 @@ class Context:
     ) -> pb.ModelInferResponse:
         """The ``async`` form of :meth:`call`, for ``async def`` handlers."""
         caller = self._require_api()
-        return await caller.acall(  # type: ignore[no-any-return]
+        return await caller.acall(
             parse_capability(capability), build_request(inputs), self, timeout
         )
 

@@ -37,6 +37,7 @@ from anyserve.errors import (
     BadRequest,
     DeadlineExceeded,
     DelegationLoop,
+    HandlerError,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -82,7 +83,9 @@ def load_app(ref: str) -> AnyServe:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise AppLoadError(f"cannot import module {module_name!r} (from {ref!r}): {exc}") from exc
+            raise AppLoadError(
+                f"cannot import module {module_name!r} (from {ref!r}): {exc}"
+            ) from exc
         raise
     obj: Any = module
     for part in attr.split("."):
@@ -107,6 +110,7 @@ _GRPC_CODE: list[tuple[type[AnyServeError], grpc.StatusCode]] = [
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (DelegationLoop, grpc.StatusCode.FAILED_PRECONDITION),
+    (HandlerError, grpc.StatusCode.UNKNOWN),
 ]
 
 
@@ -114,7 +118,7 @@ def grpc_code(exc: AnyServeError) -> grpc.StatusCode:
     for cls, code in _GRPC_CODE:
         if isinstance(exc, cls):
             return code
-    return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
 
 
 class Delegator:
@@ -215,13 +219,19 @@ class Delegator:
     # Context.call / acall -------------------------------------------------
 
     async def acall(
-        self, query: Mapping[str, str], request: pb.ModelInferRequest, ctx: Context,
+        self,
+        query: Mapping[str, str],
+        request: pb.ModelInferRequest,
+        ctx: Context,
         timeout: float | None,
     ) -> pb.ModelInferResponse:
         return await self.forward(query, request, ctx, [], timeout)
 
     def call(
-        self, query: Mapping[str, str], request: pb.ModelInferRequest, ctx: Context,
+        self,
+        query: Mapping[str, str],
+        request: pb.ModelInferRequest,
+        ctx: Context,
         timeout: float | None,
     ) -> pb.ModelInferResponse:
         import httpx
@@ -288,12 +298,20 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
 
     # Inference ---------------------------------------------------------------
 
+    # Errors are raised as AnyServeError below and become a gRPC status here, once.
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
-        return await self.r.infer(request, context)
+        try:
+            return await self.r.infer(request, context)
+        except AnyServeError as exc:
+            await context.abort(grpc_code(exc), exc.message)
 
     async def ModelStreamInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
-        async for message in self.r.infer_stream(request, context):
-            yield message
+        try:
+            async for message in self.r.infer_stream(request, context):
+                yield message
+        except AnyServeError as exc:
+            await context.abort(grpc_code(exc), exc.message)
 
 
 class Replica:
@@ -366,24 +384,23 @@ class Replica:
             caller=self.delegator,
         )
 
-    async def _delegate_check(
-        self, query: Mapping[str, str], metadata: Mapping[str, str], stream: bool, context: Any
-    ) -> list[str]:
-        """Abort unless this request may be delegated; return the visited replica ids."""
+    def _delegate_check(
+        self, query: Mapping[str, str], metadata: Mapping[str, str], stream: bool
+    ) -> tuple[Delegator, list[str]]:
+        """Raise unless this request may be delegated; return the visited replica ids."""
         if self.delegator is None or not query:
-            await context.abort(grpc.StatusCode.NOT_FOUND, self.not_found_message(query, stream))
+            raise NotFound(self.not_found_message(query, stream))
         visited = [v for v in metadata.get("x-delegated-from", "").split(",") if v]
         try:
             depth = int(metadata.get("x-delegation-depth", "0") or 0)
         except ValueError:
             depth = 0
         if depth >= MAX_DELEGATION_DEPTH:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise DelegationLoop(
                 f"delegation depth limit ({MAX_DELEGATION_DEPTH}) reached for "
-                f"{','.join(f'{k}={v}' for k, v in query.items())}; visited: {', '.join(visited)}",
+                f"{','.join(f'{k}={v}' for k, v in query.items())}; visited: {', '.join(visited)}"
             )
-        return [*visited, self.replica_id]
+        return self.delegator, [*visited, self.replica_id]
 
     async def infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         metadata = dict(context.invocation_metadata() or ())
@@ -391,14 +408,9 @@ class Replica:
         ctx = self.context(metadata, query)
         started = time.perf_counter()
         if handler is None:
-            visited = await self._delegate_check(query, metadata, False, context)
-            assert self.delegator is not None
+            delegator, visited = self._delegate_check(query, metadata, False)
             log.info("request %s: delegating %s", ctx.request_id, query)
-            try:
-                return await self.delegator.forward(query, request, ctx, visited)
-            except AnyServeError as exc:
-                await context.abort(grpc_code(exc), exc.message)
-        assert handler is not None
+            return await delegator.forward(query, request, ctx, visited)
         self._in_flight += 1
         try:
             args: tuple[Any, ...] = (request, ctx)[: handler.arity]
@@ -409,19 +421,19 @@ class Replica:
                 result = await loop.run_in_executor(self.pool, handler.func, *args)
         except AnyServeError as exc:
             _handler_error(handler, exc, ctx.request_id)
-            await context.abort(grpc_code(exc), exc.message)
+            raise
         except Exception as exc:
-            await context.abort(grpc.StatusCode.UNKNOWN, _handler_error(handler, exc, ctx.request_id))
+            raise HandlerError(_handler_error(handler, exc, ctx.request_id)) from exc
         finally:
             self._in_flight -= 1
         response = self._coerce(result, request)
-        if response is None:
+        if response is None:  # never an empty 200: the client sees what went wrong
             message = (
                 f"handler {handler.name} returned {type(result).__name__}, "
                 "expected a ModelInferResponse"
             )
             log.error("request %s: %s", ctx.request_id, message)
-            await context.abort(grpc.StatusCode.INTERNAL, message)
+            raise AnyServeError(message)
         log.info(
             "request %s %s ok %.1fms",
             ctx.request_id,
@@ -447,10 +459,9 @@ class Replica:
         handler, query = self.resolve(request, metadata, stream=True)
         ctx = self.context(metadata, query)
         if handler is None:
-            visited = await self._delegate_check(query, metadata, True, context)
-            assert self.delegator is not None
+            delegator, visited = self._delegate_check(query, metadata, True)
             try:
-                async for message in self.delegator.forward_stream(query, request, ctx, visited):
+                async for message in delegator.forward_stream(query, request, ctx, visited):
                     yield message
             except AnyServeError as exc:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
@@ -474,7 +485,7 @@ class Replica:
     async def _produce(
         self, handler: Handler, request: pb.ModelInferRequest, ctx: Context, stream: Stream
     ) -> None:
-        """Run a stream handler to completion, then close the stream (with an error if it raised)."""
+        """Run a stream handler to its end, then close the stream (with an error if it raised)."""
         args = (request, ctx, stream)[: handler.arity]
         try:
             if handler.is_async and handler.is_generator:
@@ -571,7 +582,9 @@ class Replica:
                 f"cannot listen on {address}: the port is already in use or the address is "
                 "not available; choose another --port (0 picks a free one)"
             )
-        advertised = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        advertised = (
+            self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        )
         self.endpoint = f"{advertised}:{port}"
         if self.config.api_server:
             self.delegator = Delegator(self.config.api_server, self.replica_id, self.config.token)

@@ -7,6 +7,7 @@ with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -46,14 +47,17 @@ def wait_until(
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last_exc!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}: {last_exc!r}"
+    )
 
 
 class Proc:
     """A child process in its own process group, its output in a log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.args = args
         self.log = log
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -85,22 +89,14 @@ class Proc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Signal the process, wait, then kill its whole group; return the exit code."""
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         self._out.close()
         return self.popen.returncode
 
@@ -112,8 +108,13 @@ class Procs:
         self.tmp = tmp
         self.started: list[Proc] = []
 
-    def start(self, args: list[str], name: str = "proc", env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> Proc:
+    def start(
+        self,
+        args: list[str],
+        name: str = "proc",
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Proc:
         proc = Proc(args, self.tmp / f"{name}.{len(self.started)}.log", env=env, cwd=cwd)
         self.started.append(proc)
         return proc
@@ -141,19 +142,37 @@ class ApiServer:
 
     def wait_registered(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
         return wait_until(  # type: ignore[no-any-return]
-            lambda: (r := self.registry()) if len(r) >= count else None,
+            lambda: r if len(r := self.registry()) >= count else None,
             timeout=timeout,
             what=f"{count} replicas in /registry",
         )
 
 
-def start_api_server(procs: Procs, *, lease_ttl: float = 3.0, heartbeat: float = 0.5,
-                     port: int | None = None, extra: list[str] | None = None) -> ApiServer:
+def start_api_server(
+    procs: Procs,
+    *,
+    lease_ttl: float = 3.0,
+    heartbeat: float = 0.5,
+    port: int | None = None,
+    extra: list[str] | None = None,
+) -> ApiServer:
     """Start ``python -m anyserve.api_server`` on a free port and wait for /health."""
     port = port or free_port()
     proc = procs.start(
-        [PY, "-m", "anyserve.api_server", "--host", "127.0.0.1", "--port", str(port),
-         "--lease-ttl", str(lease_ttl), "--heartbeat-interval", str(heartbeat), *(extra or [])],
+        [
+            PY,
+            "-m",
+            "anyserve.api_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lease-ttl",
+            str(lease_ttl),
+            "--heartbeat-interval",
+            str(heartbeat),
+            *(extra or []),
+        ],
         name="api",
     )
     server = ApiServer(proc, port)
@@ -180,15 +199,34 @@ class Replica:
         self.endpoint = f"127.0.0.1:{port}"
 
 
-def start_replica(procs: Procs, app: str, *, api_server: ApiServer | None = None,
-                  object_store: Path | None = None, replica_id: str | None = None,
-                  port: int | None = None, extra: list[str] | None = None,
-                  env: dict[str, str] | None = None, wait: bool = True) -> Replica:
+def start_replica(
+    procs: Procs,
+    app: str,
+    *,
+    api_server: ApiServer | None = None,
+    object_store: Path | None = None,
+    replica_id: str | None = None,
+    port: int | None = None,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Replica:
     """Start ``anyserve replica APP`` on a free port; wait until it serves gRPC."""
     port = port or free_port()
     replica_id = replica_id or f"r{port}"
-    args = [PY, "-m", "anyserve", "replica", app, "--host", "127.0.0.1", "--port", str(port),
-            "--replica-id", replica_id]
+    args = [
+        PY,
+        "-m",
+        "anyserve",
+        "replica",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--replica-id",
+        replica_id,
+    ]
     if api_server is not None:
         args += ["--api-server", api_server.url]
     if object_store is not None:

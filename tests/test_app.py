@@ -59,7 +59,11 @@ def test_decorator_detects_context_argument_and_async() -> None:
 
     by_type = {h.capability.attrs["type"]: h for h in app.handlers}
     assert (by_type["a"].arity, by_type["a"].is_async) == (1, False)
-    assert (by_type["b"].arity, by_type["b"].is_async, by_type["b"].wants_context) == (2, True, True)
+    assert (by_type["b"].arity, by_type["b"].is_async, by_type["b"].wants_context) == (
+        2,
+        True,
+        True,
+    )
     assert by_type["c"].arity == 3 and by_type["c"].capability.stream
 
 

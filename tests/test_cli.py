@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 
-
 def anyserve_cmd() -> list[str]:
     # The command installed beside this interpreter (the venv's), else python -m anyserve.
     exe = shutil.which("anyserve", path=str(Path(sys.executable).parent))
@@ -17,8 +16,7 @@ def anyserve_cmd() -> list[str]:
 
 
 def test_help_lists_the_commands() -> None:
-    result = subprocess.run([*anyserve_cmd(), "--help"], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run([*anyserve_cmd(), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     for command in ("replica", "api-server", "up", "call", "registry", "objects"):
         assert command in result.stdout, command
@@ -34,15 +32,17 @@ def test_help_imports_nothing_heavy() -> None:
         "print('HEAVY', heavy)\n"
     )
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
     elapsed = time.perf_counter() - start
     print(f"anyserve --help took {elapsed * 1000:.0f} ms")
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
 
 
 def test_unknown_command_is_a_usage_error() -> None:
-    result = subprocess.run([*anyserve_cmd(), "no-such-command"], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [*anyserve_cmd(), "no-such-command"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

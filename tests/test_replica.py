@@ -63,15 +63,16 @@ def test_matched_capability_metadata_picks_the_handler(stub_for, tmp_path) -> No
     stub = stub_for("examples.mvp_demo.chat_app:app", object_store=tmp_path / "objects")
     resp = stub.ModelInfer(
         text_request("", "x"),
-        metadata=[("anyserve-capability", '{"type": "chat", "model": "demo"}'),
-                  ("x-request-id", "rid-42")],
+        metadata=[
+            ("anyserve-capability", '{"type": "chat", "model": "demo"}'),
+            ("x-request-id", "rid-42"),
+        ],
     )
     assert output_text(resp) == "[Chat Response] You said: x"
 
 
 def test_stream_app_yields_eleven_tokens(stub_for) -> None:  # type: ignore[no-untyped-def]
-    stub = stub_for("examples.mvp_demo.stream_app:app",
-                    env={"ANYSERVE_DEMO_TOKEN_DELAY": "0"})
+    stub = stub_for("examples.mvp_demo.stream_app:app", env={"ANYSERVE_DEMO_TOKEN_DELAY": "0"})
     messages = list(stub.ModelStreamInfer(text_request("chat", "Hello")))
     assert len(messages) == 11
     texts = [output_text(m.infer_response) for m in messages]
@@ -138,8 +139,15 @@ def test_handler_traceback_goes_to_the_log_only(procs: Procs) -> None:
 def test_second_replica_on_the_same_port_fails_clearly(procs: Procs) -> None:
     first = start_replica(procs, "examples.mvp_demo.stream_app:app")
     second = procs.start(
-        [PY, "-m", "anyserve", "replica", "examples.mvp_demo.stream_app:app",
-         "--port", str(first.port)],
+        [
+            PY,
+            "-m",
+            "anyserve",
+            "replica",
+            "examples.mvp_demo.stream_app:app",
+            "--port",
+            str(first.port),
+        ],
         name="second",
     )
     code = second.popen.wait(timeout=20)
@@ -162,8 +170,9 @@ def test_bare_form_and_sigterm_exit_cleanly(procs: Procs) -> None:
 
 
 def test_bad_app_reference_is_a_one_line_error(procs: Procs) -> None:
-    proc = procs.start([PY, "-m", "anyserve", "replica", "no_such_module:app", "--port", "0"],
-                       name="bad")
+    proc = procs.start(
+        [PY, "-m", "anyserve", "replica", "no_such_module:app", "--port", "0"], name="bad"
+    )
     assert proc.popen.wait(timeout=20) == 1
     assert "cannot import module 'no_such_module'" in proc.output()
     assert "Traceback" not in proc.output()

@@ -7,7 +7,13 @@ import threading
 
 import pytest
 
-from anyserve import ModelInferResponse, ModelStreamInferResponse, Stream, StreamCancelled, StreamClosed
+from anyserve import (
+    ModelInferResponse,
+    ModelStreamInferResponse,
+    Stream,
+    StreamCancelled,
+    StreamClosed,
+)
 
 
 def msg(text: str) -> ModelStreamInferResponse:

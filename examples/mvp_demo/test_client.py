@@ -13,13 +13,23 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-BASE = (sys.argv[1] if len(sys.argv) > 1 else os.environ.get("ANYSERVE_API_SERVER", "http://localhost:8080")).rstrip("/")
+BASE = (
+    sys.argv[1]
+    if len(sys.argv) > 1
+    else os.environ.get("ANYSERVE_API_SERVER", "http://localhost:8080")
+).rstrip("/")
 
 
-def request(method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def request(
+    method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(BASE + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        BASE + path,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as reply:
             return reply.status, json.loads(reply.read() or b"null")
@@ -28,8 +38,16 @@ def request(method: str, path: str, body: Any = None, headers: dict[str, str] | 
 
 
 def text_body(name: str, text: str) -> dict[str, Any]:
-    return {"inputs": [{"name": name, "datatype": "BYTES", "shape": [1],
-                        "contents": {"bytes_contents": [text]}}]}
+    return {
+        "inputs": [
+            {
+                "name": name,
+                "datatype": "BYTES",
+                "shape": [1],
+                "contents": {"bytes_contents": [text]},
+            }
+        ]
+    }
 
 
 def outputs(reply: dict[str, Any]) -> dict[str, list[Any]]:
@@ -61,36 +79,64 @@ def main() -> int:
     types = {str(c.get("type")) for r in registry["replicas"] for c in r["capabilities"]}
     check("registry lists chat, embed, heavy", {"chat", "embed", "heavy"} <= types, types)
 
-    status, reply = request("POST", "/infer/json", text_body("text", "Hello World"),
-                            {"X-Capability-Type": "chat"})
-    check("chat", status == 200 and outputs(reply).get("text_output") == ["[Chat Response] You said: Hello World"], reply)
+    status, reply = request(
+        "POST", "/infer/json", text_body("text", "Hello World"), {"X-Capability-Type": "chat"}
+    )
+    check(
+        "chat",
+        status == 200
+        and outputs(reply).get("text_output") == ["[Chat Response] You said: Hello World"],
+        reply,
+    )
 
-    status, reply = request("POST", "/infer/json", text_body("text", "Hello World"),
-                            {"X-Capability-Type": "chat", "X-Capability-Model": "demo"})
-    check("chat model=demo", status == 200 and outputs(reply).get("text_output") == ["[Chat Response] You said: Hello World"], reply)
+    status, reply = request(
+        "POST",
+        "/infer/json",
+        text_body("text", "Hello World"),
+        {"X-Capability-Type": "chat", "X-Capability-Model": "demo"},
+    )
+    check(
+        "chat model=demo",
+        status == 200
+        and outputs(reply).get("text_output") == ["[Chat Response] You said: Hello World"],
+        reply,
+    )
 
-    status, reply = request("POST", "/infer/json", text_body("text", "Sample text"),
-                            {"X-Capability-Type": "embed"})
+    status, reply = request(
+        "POST", "/infer/json", text_body("text", "Sample text"), {"X-Capability-Type": "embed"}
+    )
     check("embed", status == 200 and outputs(reply).get("embedding") == [11.0, 1.0, 0.5], reply)
 
-    status, reply = request("POST", "/infer/json", text_body("data", "Heavy task"),
-                            {"X-Capability-Type": "heavy"})
+    status, reply = request(
+        "POST", "/infer/json", text_body("data", "Heavy task"), {"X-Capability-Type": "heavy"}
+    )
     out = outputs(reply) if status == 200 else {}
     check("heavy", out.get("status") == ["completed"] and bool(out.get("result_ref")), reply)
 
-    status, reply = request("POST", "/infer/json", text_body("text", "Hi"),
-                            {"X-Capability-Type": "chat", "X-Capability-Model": "with-embedding"})
+    status, reply = request(
+        "POST",
+        "/infer/json",
+        text_body("text", "Hi"),
+        {"X-Capability-Type": "chat", "X-Capability-Model": "with-embedding"},
+    )
     out = outputs(reply) if status == 200 else {}
-    check("chat with embedding (object + call)",
-          out.get("text_output") == ["[Chat+Embed Response] Processed: Hi"] and out.get("embedding") == [2.0, 2.0, 0.5], reply)
+    check(
+        "chat with embedding (object + call)",
+        out.get("text_output") == ["[Chat+Embed Response] Processed: Hi"]
+        and out.get("embedding") == [2.0, 2.0, 0.5],
+        reply,
+    )
 
     status, reply = request("POST", "/infer/json", text_body("text", "x"), {})
     check("missing capability header is 400", status == 400, (status, reply))
 
-    status, reply = request("POST", "/infer/json", text_body("text", "x"), {"X-Capability-Type": "nope"})
+    status, reply = request(
+        "POST", "/infer/json", text_body("text", "x"), {"X-Capability-Type": "nope"}
+    )
     check("unknown capability is 404", status == 404 and "type=chat" in str(reply), (status, reply))
 
-    print(f"\n{'all checks passed' if not failures else f'{len(failures)} failed: ' + ', '.join(failures)}")
+    summary = f"{len(failures)} failed: " + ", ".join(failures) if failures else "all checks passed"
+    print("\n" + summary)
     return 1 if failures else 0
 
 

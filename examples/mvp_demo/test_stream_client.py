@@ -11,15 +11,32 @@ import sys
 import time
 import urllib.request
 
-BASE = (sys.argv[1] if len(sys.argv) > 1 else os.environ.get("ANYSERVE_API_SERVER", "http://localhost:8080")).rstrip("/")
+BASE = (
+    sys.argv[1]
+    if len(sys.argv) > 1
+    else os.environ.get("ANYSERVE_API_SERVER", "http://localhost:8080")
+).rstrip("/")
 EXPECTED = "Hello world! This is streaming."
 
 
 def main() -> int:
-    body = {"model_name": "chat", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
-                                               "contents": {"bytes_contents": ["Hello"]}}]}
-    req = urllib.request.Request(BASE + "/infer/stream", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", "X-Capability-Type": "chat"})
+    body = {
+        "model_name": "chat",
+        "inputs": [
+            {
+                "name": "text",
+                "datatype": "BYTES",
+                "shape": [1],
+                "contents": {"bytes_contents": ["Hello"]},
+            }
+        ],
+    }
+    req = urllib.request.Request(
+        BASE + "/infer/stream",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "X-Capability-Type": "chat"},
+    )
     tokens: list[str] = []
     finish = []
     started = time.perf_counter()

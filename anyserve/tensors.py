@@ -31,7 +31,7 @@ from anyserve.errors import BadRequest
 
 try:  # orjson is several times faster than json; everything works without it.
     import orjson as _orjson
-except ImportError:  # pragma: no cover - exercised by the fallback test
+except ImportError:  # pragma: no cover - the json fallback is tested directly
     _orjson = None  # type: ignore[assignment]
 
 __all__ = [
@@ -142,19 +142,30 @@ _PARAM_KINDS = ("bool_param", "int64_param", "string_param", "double_param", "ui
 # -- JSON bodies ------------------------------------------------------------------------
 
 
+def _json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json_loads(data: bytes | bytearray | memoryview | str) -> Any:
+    return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+
+
+if _orjson is not None:
+    _dumps: Callable[[Any], bytes] = _orjson.dumps
+    _loads: Callable[[Any], Any] = _orjson.loads
+else:  # pragma: no cover - the json functions are tested directly
+    _dumps, _loads = _json_dumps, _json_loads
+
+
 def dumps(obj: Any) -> bytes:
     """Serialize ``obj`` to compact UTF-8 JSON (orjson when installed, else json)."""
-    if _orjson is not None:
-        return _orjson.dumps(obj)
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _dumps(obj)
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Parse a JSON body; malformed input raises ``BadRequest("invalid JSON: ...")``."""
     try:
-        if _orjson is not None:
-            return _orjson.loads(data)
-        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+        return _loads(data)
     except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError included
         raise BadRequest(f"invalid JSON: {exc}") from None
 
@@ -194,6 +205,15 @@ def _expect_str(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"{where}: expected a string, got {_kind(value)}")
     return value
+
+
+def _assign(msg: Any, attr: str, value: Any, where: str) -> None:
+    # protobuf refuses str that is not valid UTF-8 (lone surrogates, which json.loads lets
+    # through from "\ud800" escapes) with a ValueError.
+    try:
+        setattr(msg, attr, value)
+    except ValueError:
+        raise BadRequest(f"{where}: text is not encodable as UTF-8") from None
 
 
 def _expect_list(value: Any, where: str) -> list[Any] | tuple[Any, ...]:
@@ -345,7 +365,11 @@ def _fill_params(target: Any, obj: Any, where: str) -> None:
     for key, value in obj.items():
         if not isinstance(key, str):
             raise BadRequest(f"{where}: keys must be strings, got {_kind(key)}")
-        _set_param(target[key], value, f"{where}.{key}")
+        try:
+            param = target[key]
+        except ValueError:  # a key that is not valid UTF-8
+            raise BadRequest(f"{where}: key {key!r} is not encodable as UTF-8") from None
+        _set_param(param, value, f"{where}.{key}")
 
 
 def _set_param(param: Any, value: Any, where: str) -> None:
@@ -363,10 +387,7 @@ def _set_param(param: Any, value: Any, where: str) -> None:
     elif isinstance(value, float):
         param.double_param = value
     elif isinstance(value, str):
-        try:
-            param.string_param = value
-        except ValueError:  # lone surrogates
-            raise BadRequest(f"{where}: text is not encodable as UTF-8") from None
+        _assign(param, "string_param", value, where)
     elif value is None:
         pass  # an InferParameter with nothing set; response_to_json writes it back as null
     elif isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _PARAM_KINDS:
@@ -389,7 +410,7 @@ def _set_typed_param(param: Any, kind: str, value: Any, where: str) -> None:
         ok = _is_int(value) and low <= value <= high
     if not ok:
         raise BadRequest(f"{where}: {value!r} is not a valid {kind.replace('_param', '')}")
-    setattr(param, kind, value)
+    _assign(param, kind, value, where)
 
 
 def _params_to_json(params: Any) -> dict[str, Any]:
@@ -432,7 +453,7 @@ def _index_in(shape: list[int], flat: int) -> str:
     """Flat index → ``[i][j]...`` in a row-major array of ``shape``."""
     parts = []
     for dim in reversed(shape[1:]):
-        flat, rest = divmod(flat, dim)
+        flat, rest = divmod(flat, dim or 1)
         parts.append(rest)
     parts.append(flat)
     return "".join(f"[{p}]" for p in reversed(parts))
@@ -463,7 +484,7 @@ def _fill_tensor(tensor: Any, obj: Any, where: str, strict_shape: bool) -> None:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest(f"{where}.name: required, a non-empty string (got {_kind(name)})")
-    tensor.name = name
+    _assign(tensor, "name", name, f"{where}.name")
 
     datatype = obj.get("datatype")
     if datatype is not None:
@@ -531,7 +552,7 @@ def _fill_tensor(tensor: Any, obj: Any, where: str, strict_shape: bool) -> None:
         if filled is None:
             raise BadRequest(f"{where}.datatype: required when the tensor has no contents")
         datatype = _FIELD_DATATYPE[filled]
-    tensor.datatype = datatype
+    _assign(tensor, "datatype", datatype, f"{where}.datatype")
 
     shape_value = obj.get("shape")
     if shape_value is None:
@@ -582,7 +603,7 @@ def _fill_header(msg: Any, body: dict[str, Any]) -> None:
     for key in ("model_name", "model_version", "id"):
         value = body.get(key)
         if value is not None:
-            setattr(msg, key, _expect_str(value, key))
+            _assign(msg, key, _expect_str(value, key), key)
     params = body.get("parameters")
     if params is not None:
         _fill_params(msg.parameters, params, "parameters")
@@ -626,7 +647,8 @@ def request_from_json(body: Any) -> pb.ModelInferRequest:
             name = obj.get("name")
             if not isinstance(name, str) or not name:
                 raise BadRequest(f"{where}.name: required, a non-empty string (got {_kind(name)})")
-            requested = request.outputs.add(name=name)
+            requested = request.outputs.add()
+            _assign(requested, "name", name, f"{where}.name")
             params = obj.get("parameters")
             if params is not None:
                 _fill_params(requested.parameters, params, f"{where}.parameters")

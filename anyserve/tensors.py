@@ -24,7 +24,7 @@ import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, overload
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.errors import BadRequest
@@ -683,9 +683,9 @@ def response_from_json(body: Any) -> pb.ModelInferResponse:
 def _bytes_to_json(values: Iterable[bytes]) -> list[Any]:
     items = list(values)
     try:
-        return [b.decode() for b in items]
+        return list(map(bytes.decode, items))
     except UnicodeDecodeError:
-        pass
+        pass  # some item is binary: decode one by one
     out: list[Any] = []
     for b in items:
         try:
@@ -958,6 +958,17 @@ def _texts(request: Any, index: int, tensor: Any) -> list[str]:
         return [v.decode() for v in values]
     except UnicodeDecodeError as exc:
         raise BadRequest(f"input {tensor.name!r} is not valid UTF-8 text: {exc.reason}") from None
+
+
+# Overloads let a type checker see that a str default gives a str (no None check needed).
+@overload
+def input_text(
+    request: pb.ModelInferRequest, name: str = ..., default: None = None
+) -> str | None: ...
+@overload
+def input_text(request: pb.ModelInferRequest, name: str, default: str) -> str: ...
+@overload
+def input_text(request: pb.ModelInferRequest, *, default: str) -> str: ...
 
 
 def input_text(

@@ -621,7 +621,8 @@ def test_input_text_default_and_errors() -> None:
     request = request_from_json(SEED_BODIES["chat"])
     assert input_text(request) == "Hello World"
     assert input_text(request, "missing") is None
-    assert input_text(request, "missing", default="x") == "x"
+    text: str = input_text(request, "missing", default="x")  # typed str, no None check
+    assert text == "x"
     assert input_texts(request, "text") == ["Hello World"]
     with pytest.raises(BadRequest, match=r"missing input 'prompt' \(inputs: 'text'\)"):
         input_texts(request, "prompt")

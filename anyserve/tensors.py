@@ -121,7 +121,6 @@ _RAW_CODE: dict[str, str] = {
     "FP64": "d",
 }
 
-_FLT_MAX = 3.4028234663852886e38
 # Finite doubles at or above this round to inf as float32 (half an ulp above FLT_MAX).
 _FLT_OVERFLOW = 2.0**128 - 2.0**103
 _FLT_MIN_NORMAL = 2.0**-126

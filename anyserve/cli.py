@@ -204,13 +204,23 @@ def _timestamp(value: Any) -> float | None:
     return None
 
 
+def _add_row(table: Any, *cells: str) -> None:
+    """Add plain-text cells: ids and capability values are data, never rich markup."""
+    from rich.text import Text
+
+    table.add_row(*(Text(c) for c in cells))
+
+
 def _age(value: Any) -> str:
+    """How long ago a timestamp (epoch seconds or ISO 8601) was, e.g. ``3.2s ago``."""
     import time
 
     ts = _timestamp(value)
-    if ts is None:
-        return "-"
-    secs = max(0.0, time.time() - ts)
+    return "-" if ts is None else _ago(time.time() - ts)
+
+
+def _ago(seconds: float) -> str:
+    secs = max(0.0, float(seconds))
     if secs < 60:
         return f"{secs:.1f}s ago"
     if secs < 3600:
@@ -490,7 +500,10 @@ def registry_ls(
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(replicas)} replica(s)", title_justify="left")
+    if not replicas:
+        typer.echo("no replicas registered" + (" with that capability" if caps else ""))
+        return
+    table = Table()
     table.add_column("replica", no_wrap=True)
     table.add_column("endpoint", no_wrap=True)
     table.add_column("capabilities")
@@ -499,14 +512,18 @@ def registry_ls(
     table.add_column("requests", justify="right")
     table.add_column("heartbeat", justify="right")
     for r in sorted(replicas, key=lambda r: str(r.get("replica_id", ""))):
-        table.add_row(
+        # The server's own age is immune to clock differences between the two machines.
+        age = r.get("heartbeat_age")
+        heartbeat = _ago(age) if isinstance(age, (int, float)) else _age(r.get("last_heartbeat"))
+        _add_row(
+            table,
             str(r.get("replica_id", "?")),
             str(r.get("endpoint", "?")),
             "\n".join(_capability_label(c) for c in r.get("capabilities") or []),
             str(r.get("state", "-")),
             str(r.get("in_flight", "-")),
             str(r.get("requests", "-")),
-            _age(r.get("last_heartbeat")),
+            heartbeat,
         )
     _console().print(table)
 
@@ -604,13 +621,17 @@ def objects_ls(
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(refs)} object(s)", title_justify="left")
+    if not refs:
+        typer.echo("no objects")
+        return
+    table = Table()
     table.add_column("key", no_wrap=True)
     table.add_column("type")
     table.add_column("size", justify="right")
     table.add_column("created", justify="right")
     for ref in sorted(refs, key=lambda r: _timestamp(r.get("created_at")) or 0.0):
-        table.add_row(
+        _add_row(
+            table,
             str(ref.get("key", "?")),
             str(ref.get("content_type", "-")),
             _size(ref.get("size")),

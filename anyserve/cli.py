@@ -132,6 +132,226 @@ def api_server(
 # --------------------------------------------------------------------------- end api-server
 
 # --------------------------------------------------------------------------- up & control (issue 4)
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="The topology file.", show_default=True)
+]
+
+
+def _state_dir(config: Path) -> Path:
+    """``.anyserve/`` beside the topology file: where a running `up` keeps its socket and logs."""
+    return config.expanduser().resolve().parent / ".anyserve"
+
+
+@app.command()
+def up(
+    config: ConfigOption = Path("anyserve.toml"),
+    no_tui: Annotated[
+        bool, typer.Option("--no-tui", help="Prefixed log lines instead of the live dashboard.")
+    ] = False,
+    no_reload: Annotated[
+        bool, typer.Option("--no-reload", help="Do not reload replicas when their files change.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Validate the topology file, print it and exit; start nothing."
+        ),
+    ] = False,
+) -> None:
+    """Start the API server and every replica group of anyserve.toml, and keep them up.
+
+    Crashed processes restart with backoff; saving a watched file reloads that group one
+    replica at a time; Ctrl-C unregisters and drains the replicas, then stops (exit 130).
+    On a terminal a live dashboard is shown; output is also kept in .anyserve/logs/.
+    """
+    import sys
+
+    from anyserve.topology import load
+
+    topology = load(config)
+    if dry_run:
+        _print_topology(topology)
+        return
+    from anyserve.supervisor import run
+
+    tui = sys.stdout.isatty() and not no_tui
+    raise typer.Exit(run(topology, tui=tui, reload=not no_reload))
+
+
+def _print_topology(topology: Any) -> None:
+    api, objects = topology.api_server, topology.objects
+    typer.echo(f"{topology.path}: OK")
+    extra = ""
+    if api.lease_ttl is not None or api.heartbeat_interval is not None:
+        extra = f" (lease {api.lease_ttl}s, heartbeat {api.heartbeat_interval}s)"
+    typer.echo(f"  api server  {api.url}{extra}")
+    ttl = "no TTL" if objects.ttl is None else f"TTL {objects.ttl:g}s"
+    typer.echo(
+        f"  objects     {objects.path} ({ttl}{', pickle allowed' if objects.allow_pickle else ''})"
+    )
+    for g in topology.groups:
+        port = f"port {g.port}" if g.port else "free port"
+        watch = ", ".join(str(p) for p in g.watch) or "nothing"
+        typer.echo(
+            f"  {g.name:<11} {g.app} x{g.count}, {port}, restart={g.restart}, "
+            f"drain {g.drain_timeout:g}s, watch {watch}"
+        )
+
+
+def _snapshot(config: Path) -> Any:
+    from anyserve.control import request
+    from anyserve.dashboard import Snapshot
+
+    return Snapshot.from_dict(request(_state_dir(config), "ps"))
+
+
+@app.command()
+def ps(
+    config: ConfigOption = Path("anyserve.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the processes of the running `anyserve up`: state, restarts, CPU, memory, port."""
+    import json
+
+    snapshot = _snapshot(config)
+    if as_json:
+        typer.echo(json.dumps(snapshot.to_dict()["processes"], indent=2))
+        return
+    from rich.console import Console
+
+    from anyserve.dashboard import process_table
+
+    Console().print(process_table(snapshot, title=None))
+
+
+@app.command()
+def status(
+    config: ConfigOption = Path("anyserve.toml"),
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Keep refreshing (Ctrl-C to leave).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the dashboard of the running `anyserve up` once, or live with --watch."""
+    import json
+
+    from rich.console import Console
+
+    from anyserve.dashboard import Dashboard
+
+    snapshot = _snapshot(config)
+    if as_json:
+        typer.echo(json.dumps(snapshot.to_dict(), indent=2))
+        return
+    console = Console()
+    if not watch:
+        console.print(Dashboard(snapshot))
+        return
+    import time
+
+    from rich.live import Live
+
+    from anyserve.errors import NotReachable
+
+    with Live(Dashboard(snapshot), console=console, auto_refresh=False, screen=True) as live:
+        try:
+            while True:
+                time.sleep(1.0)
+                try:
+                    live.update(Dashboard(_snapshot(config)), refresh=True)
+                except NotReachable:
+                    break  # `up` has stopped
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def restart(
+    name: Annotated[str, typer.Argument(help="A group (chat), one replica (chat.1) or api.")],
+    config: ConfigOption = Path("anyserve.toml"),
+) -> None:
+    """Restart a group one replica at a time without dropping requests (or the API server)."""
+    from anyserve.control import request
+
+    typer.echo(request(_state_dir(config), "restart", name=name))
+
+
+@app.command()
+def scale(
+    spec: Annotated[
+        str, typer.Argument(metavar="NAME=N", help="Group and replica count, e.g. chat=2.")
+    ],
+    config: ConfigOption = Path("anyserve.toml"),
+) -> None:
+    """Change how many replicas of a group run (until `up` stops; edit anyserve.toml to keep it)."""
+    from anyserve.control import request
+
+    name, sep, count = spec.partition("=")
+    if not sep or not name or not count.strip().isdigit():
+        raise _fail(f"expected NAME=N with N >= 0, e.g. chat=2; got {spec!r}", code=2)
+    typer.echo(request(_state_dir(config), "scale", name=name.strip(), count=int(count)))
+
+
+@app.command()
+def down(config: ConfigOption = Path("anyserve.toml")) -> None:
+    """Stop the running `anyserve up`: replicas unregister and drain, then everything exits."""
+    import time
+
+    from anyserve.control import request
+    from anyserve.errors import NotReachable
+
+    state_dir = _state_dir(config)
+    pid = request(state_dir, "ps").get("pid")
+    request(state_dir, "down")
+    typer.echo(f"stopping anyserve up (pid {pid})")
+    # Wait for it to finish so a script can rely on `down` meaning down.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            request(state_dir, "ps", timeout=2)
+        except NotReachable:
+            typer.echo("stopped")
+            return
+        time.sleep(0.2)
+    raise _fail("`anyserve up` is still stopping after 120s")
+
+
+@app.command()
+def logs(
+    name: Annotated[
+        Optional[str],
+        typer.Argument(help="A process (chat.0), a group (chat), api or up; default all."),
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", help="How many past lines per process.")
+    ] = 50,
+    config: ConfigOption = Path("anyserve.toml"),
+) -> None:
+    """Show the log files of `anyserve up` (.anyserve/logs/<name>.<N>.log)."""
+    from anyserve.logs import Printer, log_names, tail
+    from anyserve.logs import follow as follow_logs
+
+    directory = _state_dir(config) / "logs"
+    names = log_names(directory, name)
+    if not names and not follow:
+        where = f" for {name!r}" if name else ""
+        raise _fail(f"no logs{where} in {directory}; has `anyserve up` run here?")
+    width = max([len(n) for n in names] + [4])
+    printer = Printer(width=width)
+    for n in names:
+        for line in tail(directory / f"{n}.log", lines):
+            printer.line(n, line)
+    if follow:
+        try:
+            for n, line in follow_logs(directory, names, name):
+                printer.line(n, line)
+        except KeyboardInterrupt:
+            return
+
+
 # --------------------------------------------------------------------------- end up & control
 
 # --------------------------------------------------------------------------- client commands (issue 5)

@@ -384,8 +384,8 @@ class Gateway:
     ) -> tuple[AsyncIterator[bytes], Choice]:
         """Start a stream; return its SSE events and the chosen replica.
 
-        The first message is awaited here, so that a replica or handler that fails at once
-        is an HTTP error status rather than a 200 carrying only an error event.
+        The first message is awaited here, so that a replica or handler that fails before
+        sending anything is an HTTP error status rather than a 200 carrying an error event.
         """
         exclude = list(routing.visited)
         while True:
@@ -411,6 +411,12 @@ class Gateway:
                 if entry.shutting_down and not _task_cancelling():
                     raise _SHUTTING_DOWN from None
                 raise
+            if first is not grpc.aio.EOF and first.error_message:
+                # The handler failed before producing anything: say so with a status.
+                call.cancel()
+                self.streams.discard(entry)
+                self.registry.finish(choice, (time.perf_counter() - started) * 1000, False)
+                raise HandlerError(first.error_message)
             return self._events(entry, first, choice, routing, started), choice
 
     async def _events(
@@ -895,7 +901,8 @@ def _request_id(scope: Scope) -> str:
     return secrets.token_hex(8)
 
 
-_QUIET = ("/health", "/heartbeat", "/registry", "/stats", "/metrics")
+# Routes polled all the time (or logged by their route function already).
+_QUIET = ("/health", "/heartbeat", "/registry", "/stats", "/metrics", "/register", "/unregister")
 
 
 def _log_request(

@@ -360,7 +360,8 @@ def logs(
 # progress bars and `--explain` go to stderr so that stdout stays pipeable.
 
 _API_SERVER_HELP = (
-    "API server URL. Default: $ANYSERVE_API_SERVER, else [api_server] host/port of "
+    # "\\[" keeps rich from reading the TOML table name as markup.
+    "API server URL. Default: $ANYSERVE_API_SERVER, else \\[api_server] host/port of "
     "./anyserve.toml, else http://127.0.0.1:8080."
 )
 ApiServerOption = Annotated[
@@ -755,8 +756,7 @@ def registry_rm(
 ) -> None:
     """Remove a replica's record from the registry.
 
-    A replica that is still running registers again with its next heartbeat; stop its process
-    to remove it for good.
+    A running replica registers again with its next heartbeat: stop its process to remove it.
     """
     with _client(api_server) as client:
         client.unregister(replica_id)

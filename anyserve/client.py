@@ -250,7 +250,8 @@ class Client:
             if isinstance(data, dict):
                 message = str(data.get("detail") or data.get("error") or "")
         except ValueError:
-            message = response.text.strip()[:500]
+            # Not an AnyServe reply (a proxy's HTML page, say): one short line of it.
+            message = " ".join(response.text.split())[:200]
         if not message:
             message = f"HTTP {response.status_code} {response.reason_phrase}".strip()
         raise from_status(response.status_code, message)

@@ -34,6 +34,7 @@ from anyserve.errors import (
     NoMatchingCapability,
     NotFound,
     NotReachable,
+    UpstreamError,
 )
 
 # --------------------------------------------------------------------------- parsing
@@ -233,6 +234,8 @@ def test_error_replies_become_anyserve_errors() -> None:
             return httpx.Response(404, json={"detail": "no replica serves type=nope"})
         if request.url.path == "/registry":
             return httpx.Response(500, text="boom")
+        if request.url.path == "/objects":
+            return httpx.Response(502, text="<html>\n <body>Bad\n Gateway</body>\n</html>\n")
         return httpx.Response(400, json={"error": "v2 style"})
 
     with mock(handler) as client:
@@ -242,6 +245,9 @@ def test_error_replies_become_anyserve_errors() -> None:
             client.registry()
         with pytest.raises(BadRequest, match="v2 style"):
             client.health()
+        with pytest.raises(UpstreamError) as info:
+            client.objects()
+        assert str(info.value) == "<html> <body>Bad Gateway</body> </html>"
 
 
 def test_connection_failure_is_not_reachable() -> None:

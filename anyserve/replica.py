@@ -635,6 +635,8 @@ def run(config: ReplicaConfig) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per heartbeat would drown the request log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = load_app(config.app)
     replica = Replica(config, app)
     asyncio.run(replica.serve())

@@ -20,8 +20,9 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -268,35 +269,74 @@ class Channels:
         return len(self._stubs)
 
 
-@dataclass(eq=False)
-class _OpenStream:
-    call: grpc.aio.UnaryStreamCall[Any, Any]
-    shutting_down: bool = False
+class OpenStream:
+    """One stream being relayed: its gRPC call, and the bookkeeping to undo at its end."""
+
+    def __init__(
+        self, call: grpc.aio.UnaryStreamCall[Any, Any], choice: Choice, gateway: Gateway
+    ) -> None:
+        self.call = call
+        self.choice = choice
+        self.shutting_down = False
+        self._gateway = gateway
+        self._started = time.perf_counter()
+        self._finished = False
+
+    def finish(self, ok: bool) -> None:
+        """Cancel the call and settle the counters; only the first call counts."""
+        if self._finished:
+            return
+        self._finished = True
+        # Cancelling the call is what makes the handler's next stream.send raise.
+        self.call.cancel()
+        self._gateway.streams.discard(self)
+        ms = (time.perf_counter() - self._started) * 1000
+        self._gateway.registry.finish(self.choice, ms, ok)
 
 
 class Streams:
-    """The SSE streams being served, so that shutdown can end them at once."""
+    """The streams being relayed, so that shutdown can end them at once."""
 
     def __init__(self) -> None:
-        self._open: set[_OpenStream] = set()
+        self._open: set[OpenStream] = set()
 
-    def add(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> _OpenStream:
-        entry = _OpenStream(call)
-        self._open.add(entry)
-        return entry
+    def add(self, stream: OpenStream) -> None:
+        self._open.add(stream)
 
-    def discard(self, entry: _OpenStream) -> None:
-        self._open.discard(entry)
+    def discard(self, stream: OpenStream) -> None:
+        self._open.discard(stream)
 
     def end_all(self) -> int:
         """Cancel every open stream's gRPC call; each ends with an error event."""
-        for entry in self._open:
-            entry.shutting_down = True
-            entry.call.cancel()
+        for stream in list(self._open):
+            stream.shutting_down = True
+            stream.call.cancel()
         return len(self._open)
 
     def __len__(self) -> int:
         return len(self._open)
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE over an async generator; the stream is settled even if it never started.
+
+    Starlette cancels the response when the client disconnects, which can happen before
+    the generator's first step; its ``finally`` would then never run.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], stream: OpenStream) -> None:
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={**_SSE_HEADERS, **_routing_headers(stream.choice)},
+        )
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.finish(ok=True)
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -380,57 +420,55 @@ class Gateway:
     # Streaming -----------------------------------------------------------------------
 
     async def open_stream(
-        self, request: pb.ModelInferRequest, routing: Routing
-    ) -> tuple[AsyncIterator[bytes], Choice]:
-        """Start a stream; return its SSE events and the chosen replica.
+        self,
+        request: pb.ModelInferRequest,
+        routing: Routing,
+        client_gone: Callable[[], Awaitable[None]],
+    ) -> EventStreamResponse:
+        """Start a stream on the least-loaded matching replica; the SSE response relaying it.
 
         The first message is awaited here, so that a replica or handler that fails before
         sending anything is an HTTP error status rather than a 200 carrying an error event.
+        ``client_gone`` returns when the HTTP client disconnects: the stream is then
+        cancelled even though no reply has started yet.
         """
         exclude = list(routing.visited)
         while True:
             choice = self.registry.choose(routing.query, stream=True, exclude=exclude)
             stub = self.channels.stub(choice.endpoint)
             self.registry.begin(choice)
-            started = time.perf_counter()
             call = stub.ModelStreamInfer(
                 request, metadata=routing.metadata(choice), timeout=routing.timeout
             )
-            entry = self.streams.add(call)
+            stream = OpenStream(call, choice, self)
+            self.streams.add(stream)
             try:
-                first = await call.read()
-            except BaseException as exc:
-                call.cancel()
-                self.streams.discard(entry)
-                failed = isinstance(exc, grpc.aio.AioRpcError)
-                self.registry.finish(choice, (time.perf_counter() - started) * 1000, not failed)
-                if isinstance(exc, grpc.aio.AioRpcError):
-                    if self._retry(exc, choice, routing, exclude, stream=True):
-                        continue
-                    raise _translate(exc, choice, routing.timeout) from None
-                if entry.shutting_down and not _task_cancelling():
+                first = await _first_message(call, client_gone)
+            except grpc.aio.AioRpcError as exc:
+                stream.finish(ok=False)
+                if self._retry(exc, choice, routing, exclude, stream=True):
+                    continue
+                raise _translate(exc, choice, routing.timeout) from None
+            except asyncio.CancelledError:
+                stream.finish(ok=True)
+                if stream.shutting_down and not _task_cancelling():
                     raise _SHUTTING_DOWN from None
+                raise
+            except BaseException:
+                stream.finish(ok=False)
                 raise
             if first is not grpc.aio.EOF and first.error_message:
                 # The handler failed before producing anything: say so with a status.
-                call.cancel()
-                self.streams.discard(entry)
-                self.registry.finish(choice, (time.perf_counter() - started) * 1000, False)
+                stream.finish(ok=False)
                 raise HandlerError(first.error_message)
-            return self._events(entry, first, choice, routing, started), choice
+            return EventStreamResponse(self._events(stream, first, routing), stream)
 
     async def _events(
-        self,
-        entry: _OpenStream,
-        first: Any,
-        choice: Choice,
-        routing: Routing,
-        started: float,
+        self, stream: OpenStream, first: Any, routing: Routing
     ) -> AsyncIterator[bytes]:
         """Each gRPC message as one SSE event, written as soon as it arrives."""
         from anyserve.tensors import stream_event_to_json
 
-        call = entry.call
         ok = True
         try:
             message = first
@@ -438,22 +476,20 @@ class Gateway:
                 if message.error_message:
                     ok = False
                 yield _sse(stream_event_to_json(message))
-                message = await call.read()
+                message = await stream.call.read()
         except grpc.aio.AioRpcError as exc:
-            ok = entry.shutting_down
-            yield _sse_error(_SHUTTING_DOWN if ok else _translate(exc, choice, routing.timeout))
+            ok = stream.shutting_down
+            error = _SHUTTING_DOWN if ok else _translate(exc, stream.choice, routing.timeout)
+            yield _sse_error(error)
         except asyncio.CancelledError:
             # Either the client went away (Starlette cancels this generator: nobody is left
             # to tell) or shutdown cancelled the call (tell the client, then end).
-            if entry.shutting_down and not _task_cancelling():
+            if stream.shutting_down and not _task_cancelling():
                 yield _sse_error(_SHUTTING_DOWN)
                 return
             raise
         finally:
-            # Cancelling the call is what makes the handler's next stream.send raise.
-            call.cancel()
-            self.streams.discard(entry)
-            self.registry.finish(choice, (time.perf_counter() - started) * 1000, ok)
+            stream.finish(ok)
 
     # Objects ---------------------------------------------------------------------------
 
@@ -467,6 +503,36 @@ class Gateway:
 
 
 _SHUTTING_DOWN = Unavailable("the API server is shutting down; retry the request")
+
+
+class ClientGone(AnyServeError):
+    """The client disconnected before the reply started (nginx's 499)."""
+
+    status = 499
+
+
+async def _first_message(
+    call: grpc.aio.UnaryStreamCall[Any, Any], client_gone: Callable[[], Awaitable[None]]
+) -> Any:
+    """The call's first message, unless the client disconnects first (:class:`ClientGone`)."""
+    read = asyncio.ensure_future(call.read())
+    gone = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({read, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not read.done():
+            read.cancel()
+    if read.done():
+        # A call cancelled by shutdown raises CancelledError here, as a plain read would.
+        return read.result()
+    raise ClientGone("the client disconnected before the first message")
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has disconnected (the request body was already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _task_cancelling() -> bool:
@@ -717,13 +783,9 @@ async def infer_stream(request: Request) -> Response:
             raise BadRequest(f"the body is not a serialized ModelInferRequest: {exc}") from None
     else:
         message = request_from_json(await _json_body(request))
-    events, choice = await gateway.open_stream(message, routing)
-    _note(request, routing, choice)
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={**_SSE_HEADERS, **_routing_headers(choice)},
-    )
+    response = await gateway.open_stream(message, routing, partial(_disconnected, request.receive))
+    _note(request, routing, response.stream.choice)
+    return response
 
 
 async def list_objects(request: Request) -> Response:

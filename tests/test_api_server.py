@@ -67,7 +67,8 @@ def post(
     all_headers.update(headers or {})
     if body is not None and "content" not in kwargs:
         kwargs["json"] = body
-    return httpx.post(server.url + path, headers=all_headers, timeout=30, **kwargs)
+    kwargs.setdefault("timeout", 30)
+    return httpx.post(server.url + path, headers=all_headers, **kwargs)
 
 
 class Cluster:
@@ -402,6 +403,25 @@ def test_client_disconnect_makes_the_next_send_raise(cluster: Cluster) -> None:
     text = ended.read_text()
     assert text.startswith("Stream"), text  # StreamCancelled / StreamClosed, not "finished"
     assert int(text.rsplit(" ", 1)[1]) < 200  # stopped within seconds, not after 30 s
+    wait_until(
+        lambda: not any(r["in_flight"] for r in cluster.api.registry()),
+        what="in-flight counters back to 0",
+    )
+
+
+def test_client_leaving_before_the_first_token_cancels_the_stream(cluster: Cluster) -> None:
+    tag = "leaves-early"
+    with pytest.raises(httpx.ReadTimeout):
+        post(
+            cluster.api,
+            "/infer/stream",
+            text_body(tag),
+            {"Type": "late-start"},
+            timeout=httpx.Timeout(10, read=0.5),
+        )
+    ended = cluster.tmp / f"ended-{tag}"
+    wait_until(ended.exists, timeout=10, what="the handler to notice")
+    assert ended.read_text().startswith("Stream")
     wait_until(
         lambda: not any(r["in_flight"] for r in cluster.api.registry()),
         what="in-flight counters back to 0",

@@ -57,6 +57,21 @@ def ticker(request: ModelInferRequest, context: Context, stream: Stream) -> None
     (_dir() / f"ended-{tag}").write_text(f"finished after {sent}")
 
 
+@app.capability(type="late-start", stream=True)
+def late_start(request: ModelInferRequest, context: Context, stream: Stream) -> None:
+    """Wait before the first token until cancelled (or 30 s); record how the send went."""
+    tag = _tag(request)
+    deadline = time.monotonic() + PATIENCE
+    while not stream.cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        stream.send(stream_chunk(request, "late"))
+    except Exception as exc:
+        (_dir() / f"ended-{tag}").write_text(type(exc).__name__)
+        raise
+    (_dir() / f"ended-{tag}").write_text("sent")
+
+
 @app.capability(type="fail-first", stream=True)
 def fail_first(request: ModelInferRequest, context: Context, stream: Stream) -> None:
     """Raise before sending anything."""

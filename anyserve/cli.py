@@ -137,6 +137,16 @@ ConfigOption = Annotated[
 ]
 
 
+def _failed(message: str, code: int = 1) -> SystemExit:
+    """Print one error line; raise the result to exit with ``code``.
+
+    A ``SystemExit`` passes through click's non-standalone mode, which would swallow the
+    code of a ``typer.Exit``.
+    """
+    typer.echo(f"error: {message}", err=True)
+    return SystemExit(code)
+
+
 def _state_dir(config: Path) -> Path:
     """``.anyserve/`` beside the topology file: where a running `up` keeps its socket and logs."""
     return config.expanduser().resolve().parent / ".anyserve"
@@ -164,8 +174,6 @@ def up(
     replica at a time; Ctrl-C unregisters and drains the replicas, then stops (exit 130).
     On a terminal a live dashboard is shown; output is also kept in .anyserve/logs/.
     """
-    import sys
-
     from anyserve.topology import load
 
     topology = load(config)
@@ -175,7 +183,7 @@ def up(
     from anyserve.supervisor import run
 
     tui = sys.stdout.isatty() and not no_tui
-    raise typer.Exit(run(topology, tui=tui, reload=not no_reload))
+    sys.exit(run(topology, tui=tui, reload=not no_reload))
 
 
 def _print_topology(topology: Any) -> None:
@@ -288,7 +296,7 @@ def scale(
 
     name, sep, count = spec.partition("=")
     if not sep or not name or not count.strip().isdigit():
-        raise _fail(f"expected NAME=N with N >= 0, e.g. chat=2; got {spec!r}", code=2)
+        raise _failed(f"expected NAME=N with N >= 0, e.g. chat=2; got {spec!r}", code=2)
     typer.echo(request(_state_dir(config), "scale", name=name.strip(), count=int(count)))
 
 
@@ -313,7 +321,7 @@ def down(config: ConfigOption = Path("anyserve.toml")) -> None:
             typer.echo("stopped")
             return
         time.sleep(0.2)
-    raise _fail("`anyserve up` is still stopping after 120s")
+    raise _failed("`anyserve up` is still stopping after 120s")
 
 
 @app.command()
@@ -338,7 +346,7 @@ def logs(
     names = log_names(directory, name)
     if not names and not follow:
         where = f" for {name!r}" if name else ""
-        raise _fail(f"no logs{where} in {directory}; has `anyserve up` run here?")
+        raise _failed(f"no logs{where} in {directory}; has `anyserve up` run here?")
     width = max([len(n) for n in names] + [4])
     printer = Printer(width=width)
     for n in names:

@@ -24,6 +24,7 @@ the API server; a second signal kills everything at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
@@ -35,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from anyserve.dashboard import LogLine, ProcessView, ReplicaView, Snapshot
@@ -536,7 +538,7 @@ class Supervisor:
         how = f"exited with code {code}" if code >= 0 else f"killed by {_signame(-code)}"
         if self.phase != "running":
             proc.state = "stopped"
-            self._say(how, proc.name)
+            self._say(f"stopped ({how})", proc.name)
             return
         if proc.role == "retire":
             self.procs.remove(proc)
@@ -610,6 +612,7 @@ class Supervisor:
         proc.role = "retire"
         proc.state = "draining"
         proc.term_at = self.clock() + self.timings.settle
+        self._say(f"unregistered {proc.replica_id}; draining", proc.name)
 
     # ------------------------------------------------------------------ reload
 
@@ -619,6 +622,7 @@ class Supervisor:
         groups = _changed_groups(self.topology, paths)
         if not groups:
             return
+        _drop_stale_bytecode(paths)
         shown = ", ".join(sorted(os.path.relpath(p, self.topology.root) for p in paths)[:3])
         for name in groups:
             self.request_reload(name, None, f"changed: {shown}")
@@ -670,7 +674,7 @@ class Supervisor:
             fixed = group.port_for(slot)
             # The old process holds the fixed port, so the new one bridges on a free port;
             # a second round moves the slot back onto its fixed port.
-            port = fixed if fixed is not None and old.port != fixed else None
+            port = fixed if fixed is not None and old.port != fixed else free_port(group.host)
             candidate = Proc(group=op.group, slot=slot, kind=REPLICA_KIND, role="candidate")
             candidate.restarts = old.restarts
             self.procs.append(candidate)
@@ -716,8 +720,6 @@ class Supervisor:
                     old.message = message + " (old code still serving; save again to retry)"
                 else:
                     old.message = message
-                for line in cand.stderr_tail[-5:]:
-                    self._say(f"  {line}", old.name, kind="error")
                 self._say(message, old.name, kind="error")
                 self._finish_reload(op, message)
         elif op.phase == "drain":
@@ -974,6 +976,21 @@ def _signame(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def _drop_stale_bytecode(paths: set[str]) -> None:
+    """Remove cached bytecode of changed sources.
+
+    A pyc is trusted when the source's mtime (whole seconds) and size match; an edit
+    within the same second that keeps the size would otherwise load the old code.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.suffix != ".py":
+            continue
+        for cached in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+            with contextlib.suppress(OSError):
+                cached.unlink()
 
 
 def _changed_groups(topology: Topology, paths: set[str]) -> list[str]:

@@ -347,7 +347,9 @@ class Gateway:
 
     def __init__(self, config: ApiServerConfig, registry: Registry | None = None) -> None:
         self.config = config
-        self.registry = registry or Registry(config.lease_ttl, config.heartbeat_interval)
+        if registry is None:  # (an empty registry is falsy: it has a length)
+            registry = Registry(config.lease_ttl, config.heartbeat_interval)
+        self.registry = registry
         self.channels = Channels(close_grace=config.request_timeout)
         self.streams = Streams()
         self.started = time.time()

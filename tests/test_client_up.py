@@ -21,7 +21,8 @@ def test_demo_under_up(procs: Procs, tmp_path: Path) -> None:
     port = free_port()
     groups = "".join(f'\n[replicas.{g}]\napp = "examples.mvp_demo.{g}_app:app"\n' for g in GROUPS)
     (tmp_path / "anyserve.toml").write_text(
-        f'[api_server]\nhost = "127.0.0.1"\nport = {port}\nlease_ttl = 3\nheartbeat_interval = 0.5\n'
+        f'[api_server]\nhost = "127.0.0.1"\nport = {port}\n'
+        "lease_ttl = 3\nheartbeat_interval = 0.5\n"
         f'\n[objects]\npath = "{tmp_path / "objects"}"\nttl = "1h"\n' + groups
     )
     procs.start(

@@ -25,7 +25,7 @@ def test_demo_under_up(procs: Procs, tmp_path: Path) -> None:
         "lease_ttl = 3\nheartbeat_interval = 0.5\n"
         f'\n[objects]\npath = "{tmp_path / "objects"}"\nttl = "1h"\n' + groups
     )
-    procs.start(
+    up = procs.start(
         [*ANYSERVE, "up", "--no-tui", "--no-reload"],
         name="up",
         cwd=tmp_path,
@@ -37,7 +37,10 @@ def test_demo_under_up(procs: Procs, tmp_path: Path) -> None:
         replicas = httpx.get(url + "/registry", timeout=2).json()["replicas"]
         return len(replicas) >= len(GROUPS)
 
-    wait_until(all_registered, timeout=60, what="the four demo groups registered")
+    try:
+        wait_until(all_registered, timeout=60, what="the four demo groups registered")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- anyserve up output:\n{up.output()[-4000:]}") from None
 
     def anyserve(*args: str, stdin: bytes | None = None) -> str:
         result = subprocess.run(

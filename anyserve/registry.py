@@ -38,6 +38,8 @@ __all__ = [
 LATENCY_WINDOW = 1024
 
 _ID_MAX = 200
+# Printable ASCII except space, ',' and '='.
+_ID_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - {",", "="}
 
 
 class Conflict(AnyServeError):
@@ -427,11 +429,15 @@ class Registry:
                 "the body must be a JSON object with replica_id, endpoint, capabilities"
             )
         replica_id = body.get("replica_id")
-        if not isinstance(replica_id, str) or not replica_id.strip() or len(replica_id) > _ID_MAX:
+        if not isinstance(replica_id, str) or not replica_id or len(replica_id) > _ID_MAX:
             raise BadRequest(f"'replica_id' must be a non-empty string, got {replica_id!r}")
-        if any(ch in replica_id for ch in ", \t\r\n"):
-            # Ids travel comma-separated in X-Delegated-From.
-            raise BadRequest(f"'replica_id' may not contain commas or whitespace: {replica_id!r}")
+        if not set(replica_id) <= _ID_CHARS:
+            # Ids travel in HTTP headers and gRPC metadata (ASCII), comma-separated in
+            # X-Delegated-From and as id=load pairs in X-AnyServe-Candidates.
+            raise BadRequest(
+                f"'replica_id' {replica_id!r} may use printable ASCII only, without spaces, "
+                "commas or '='"
+            )
         endpoint = body.get("endpoint")
         if not isinstance(endpoint, str) or ":" not in endpoint or endpoint.strip() != endpoint:
             raise BadRequest(f"'endpoint' must be 'host:port', got {endpoint!r}")

@@ -673,119 +673,103 @@ async def metrics(request: Request) -> Response:
     )
 
 
+# name, type, help, and the /registry field it reports per replica
+_PER_REPLICA = (
+    ("anyserve_requests_total", "counter", "Requests sent to each replica.", "requests"),
+    ("anyserve_errors_total", "counter", "Requests to each replica that failed.", "errors"),
+    ("anyserve_in_flight", "gauge", "Requests each replica is serving now.", "in_flight"),
+)
+
+
 def _prometheus(gateway: Gateway) -> str:
+    """The registry's counters in the Prometheus text exposition format."""
     replicas = gateway.registry.snapshot()
     totals = gateway.registry.totals()
     lines: list[str] = []
 
-    def family(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, Any]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
+        lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
         lines.extend(f"{name}{labels} {value}" for labels, value in samples if value is not None)
 
-    def per_replica(key: str) -> list[tuple[str, Any]]:
-        return [(f'{{replica="{_label(r["replica_id"])}"}}', r[key]) for r in replicas]
-
     family("anyserve_replicas", "gauge", "Registered replicas.", [("", len(replicas))])
-    family(
-        "anyserve_open_streams", "gauge", "SSE streams being served.", [("", len(gateway.streams))]
-    )
-    family(
-        "anyserve_requests_total",
-        "counter",
-        "Requests sent to each replica.",
-        per_replica("requests"),
-    )
-    family(
-        "anyserve_errors_total",
-        "counter",
-        "Requests to each replica that failed.",
-        per_replica("errors"),
-    )
-    family(
-        "anyserve_in_flight",
-        "gauge",
-        "Requests each replica is serving now.",
-        per_replica("in_flight"),
-    )
+    family("anyserve_open_streams", "gauge", "Streams being relayed.", [("", len(gateway.streams))])
+    for name, kind, help_text, key in _PER_REPLICA:
+        family(name, kind, help_text, [(_labels(r), r[key]) for r in replicas])
     latency = [
-        (f'{{replica="{_label(r["replica_id"])}",quantile="{q}"}}', r[key])
+        (_labels(r, quantile=q), r[key])
         for r in replicas
         for q, key in (("0.5", "p50_ms"), ("0.99", "p99_ms"))
     ]
+    family("anyserve_request_latency_ms", "gauge", "Recent latency per replica (ms).", latency)
     family(
-        "anyserve_request_latency_ms",
-        "gauge",
-        "Recent request latency per replica (milliseconds).",
-        latency,
-    )
-    family(
-        "anyserve_all_requests_total",
+        "anyserve_routed_requests_total",
         "counter",
-        "Requests routed since start, departed replicas included.",
+        "Requests routed since start.",
         [("", totals["requests"])],
     )
     family(
-        "anyserve_all_errors_total",
+        "anyserve_routed_errors_total",
         "counter",
-        "Failed requests since start, departed replicas included.",
+        "Failed requests since start.",
         [("", totals["errors"])],
     )
     return "\n".join(lines) + "\n"
+
+
+def _labels(replica: Mapping[str, Any], **extra: str) -> str:
+    pairs = {"replica": replica["replica_id"], **extra}
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in pairs.items()) + "}"
 
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-async def infer_protobuf(request: Request) -> Response:
-    """``POST /infer``: a serialized ``ModelInferRequest`` in, ``ModelInferResponse`` out."""
+async def _infer_input(request: Request, protobuf: bool) -> tuple[Routing, pb.ModelInferRequest]:
+    """The routing headers and the request message (serialized protobuf or the seed's JSON)."""
     from google.protobuf.message import DecodeError
 
-    gateway = _gateway(request)
-    routing = Routing.from_request(request, gateway.config.request_timeout)
+    from anyserve.tensors import request_from_json
+
+    routing = Routing.from_request(request, _gateway(request).config.request_timeout)
     _note(request, routing)
+    if not protobuf:
+        return routing, request_from_json(await _json_body(request))
     try:
-        message = pb.ModelInferRequest.FromString(await request.body())
+        return routing, pb.ModelInferRequest.FromString(await request.body())
     except DecodeError as exc:
         raise BadRequest(f"the body is not a serialized ModelInferRequest: {exc}") from None
-    reply, choice = await gateway.infer(message, routing)
+
+
+async def infer_protobuf(request: Request) -> Response:
+    """``POST /infer``: a serialized ``ModelInferRequest`` in, ``ModelInferResponse`` out."""
+    routing, message = await _infer_input(request, protobuf=True)
+    reply, choice = await _gateway(request).infer(message, routing)
     _note(request, routing, choice)
-    return Response(
-        reply.SerializeToString(), media_type=_PROTOBUF, headers=_routing_headers(choice)
-    )
+    headers = _routing_headers(choice)
+    return Response(reply.SerializeToString(), media_type=_PROTOBUF, headers=headers)
 
 
 async def infer_json(request: Request) -> Response:
     """``POST /infer/json``: the seed's JSON request and reply shapes."""
-    from anyserve.tensors import request_from_json, response_to_json
+    from anyserve.tensors import response_to_json
 
-    gateway = _gateway(request)
-    routing = Routing.from_request(request, gateway.config.request_timeout)
-    _note(request, routing)
-    message = request_from_json(await _json_body(request))
-    reply, choice = await gateway.infer(message, routing)
+    routing, message = await _infer_input(request, protobuf=False)
+    reply, choice = await _gateway(request).infer(message, routing)
     _note(request, routing, choice)
     return _json(response_to_json(reply), headers=_routing_headers(choice))
 
 
 async def infer_stream(request: Request) -> Response:
-    """``POST /infer/stream``: one ``data: <json>`` SSE event per message from the handler."""
-    from google.protobuf.message import DecodeError
+    """``POST /infer/stream``: one ``data: <json>`` SSE event per message from the handler.
 
-    from anyserve.tensors import request_from_json
-
-    gateway = _gateway(request)
-    routing = Routing.from_request(request, gateway.config.request_timeout)
-    _note(request, routing)
-    if request.headers.get("content-type", "").startswith(_PROTOBUF):
-        try:
-            message = pb.ModelInferRequest.FromString(await request.body())
-        except DecodeError as exc:
-            raise BadRequest(f"the body is not a serialized ModelInferRequest: {exc}") from None
-    else:
-        message = request_from_json(await _json_body(request))
-    response = await gateway.open_stream(message, routing, partial(_disconnected, request.receive))
+    The body is the seed's JSON, or a serialized ``ModelInferRequest`` when sent as
+    ``application/x-protobuf``.
+    """
+    protobuf = request.headers.get("content-type", "").startswith(_PROTOBUF)
+    routing, message = await _infer_input(request, protobuf)
+    client_gone = partial(_disconnected, request.receive)
+    response = await _gateway(request).open_stream(message, routing, client_gone)
     _note(request, routing, response.stream.choice)
     return response
 
@@ -1123,59 +1107,29 @@ def _positive(text: str) -> float:
 
 def parse_args(argv: Sequence[str] | None = None) -> ApiServerConfig:
     """The command line of ``python -m anyserve.api_server``."""
-    d = ApiServerConfig()
-    p = argparse.ArgumentParser(
+    defaults = ApiServerConfig()
+    parser = argparse.ArgumentParser(
         prog="python -m anyserve.api_server",
         description="AnyServe API server: registry, capability routing, objects over HTTP.",
     )
-    p.add_argument("--host", default=d.host, help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
-    p.add_argument(
-        "--lease-ttl",
-        type=_positive,
-        default=d.lease_ttl,
-        help="seconds without heartbeat before a replica is evicted",
+    for flag, kind, help_text in (
+        ("--host", str, "address to bind"),
+        ("--port", int, "HTTP port"),
+        ("--lease-ttl", _positive, "seconds without a heartbeat before a replica is evicted"),
+        ("--heartbeat-interval", _positive, "seconds between heartbeats, told to replicas"),
+        ("--object-store", Path, "object store directory served at /objects"),
+        ("--request-timeout", _positive, "default request deadline (X-Request-Timeout)"),
+        ("--max-object-size", parse_size, "largest upload to POST /objects, e.g. 500M, 2G"),
+    ):
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        parser.add_argument(flag, type=kind, default=default, help=f"{help_text} ({default})")
+    parser.add_argument(
+        "--log-level", default=defaults.log_level, choices=list(_LOG_LEVELS), help="verbosity"
     )
-    p.add_argument(
-        "--heartbeat-interval",
-        type=_positive,
-        default=d.heartbeat_interval,
-        help="seconds between replica heartbeats (told to replicas)",
-    )
-    p.add_argument(
-        "--object-store",
-        type=Path,
-        default=d.object_store,
-        help="object store directory (default %(default)s)",
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=_positive,
-        default=d.request_timeout,
-        help="default per-request deadline in seconds (X-Request-Timeout overrides)",
-    )
-    p.add_argument(
-        "--max-object-size",
-        type=parse_size,
-        default=d.max_object_size,
-        help="largest upload to POST /objects, e.g. 500M or 2G (default 1G)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=d.log_level,
-        choices=["critical", "error", "warning", "info", "debug"],
-    )
-    args = p.parse_args(argv)
-    return ApiServerConfig(
-        host=args.host,
-        port=args.port,
-        lease_ttl=args.lease_ttl,
-        heartbeat_interval=args.heartbeat_interval,
-        object_store=args.object_store,
-        request_timeout=args.request_timeout,
-        log_level=args.log_level,
-        max_object_size=args.max_object_size,
-    )
+    return ApiServerConfig(**vars(parser.parse_args(argv)))
+
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -194,7 +194,9 @@ def process_table(snapshot: Snapshot, title: str | None = "Processes") -> Render
         )
         note = p.message
         if p.retry_in is not None and p.state in ("backing off", "crash loop"):
-            note = f"{note}; next try in {p.retry_in:.1f}s" if note else f"retry in {p.retry_in:.1f}s"
+            note = (
+                f"{note}; next try in {p.retry_in:.1f}s" if note else f"retry in {p.retry_in:.1f}s"
+            )
         if not note:
             continue
         bad = p.state == "crash loop" or "failed" in note
@@ -232,17 +234,19 @@ def replica_table(snapshot: Snapshot) -> Table:
 
 
 def _lines(title: str, lines: tuple[LogLine, ...], limit: int) -> RenderableType:
-    text = Text()
-    text.append(f"{title}\n", style="bold")
+    rows: list[RenderableType] = [Text(title, style="bold")]
     if not lines:
-        text.append("  (none yet)\n", style="dim")
-    for line in lines[-limit:]:
+        rows.append(Text("  (none yet)", style="dim"))
+    for line in lines[-limit:] if limit > 0 else ():
         stamp = time.strftime("%H:%M:%S", time.localtime(line.at))
-        text.append(f"{stamp} ", style="dim")
-        text.append(f"{line.name} | ", style="bold")
         style = "red" if line.kind == "error" else ("dim" if line.kind == "lifecycle" else "")
-        text.append(line.text + "\n", style=style)
-    return text
+        # One screen line per log line, so the view does not jump as lines come and go.
+        row = Text(no_wrap=True, overflow="ellipsis")
+        row.append(f"{stamp} ", style="dim")
+        row.append(f"{line.name} | ", style="bold")
+        row.append(line.text, style=style)
+        rows.append(row)
+    return Group(*rows)
 
 
 class Dashboard:

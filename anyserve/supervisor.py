@@ -182,7 +182,7 @@ class Supervisor:
         self._next_sample = 0.0
         self._next_cleanup = 0.0
         self._api_stop_sent = False
-        self._files = LogFiles(topology.state_dir / "logs")
+        self._files: LogFiles | None = None  # created by run(): preflight writes nothing
         self._http: Any = None
 
     # ------------------------------------------------------------------ public surface
@@ -213,6 +213,7 @@ class Supervisor:
         from anyserve.control import ControlServer
 
         self._http = httpx.Client(timeout=2.0)
+        self._files = LogFiles(self.topology.state_dir / "logs")
         control = ControlServer(self.topology.state_dir, self._control)
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -240,6 +241,7 @@ class Supervisor:
             control.close()
             self._http.close()
             self._files.close()
+            self._files = None
         return self.exit_code
 
     def snapshot(self) -> Snapshot:
@@ -284,7 +286,8 @@ class Supervisor:
     # ------------------------------------------------------------------ events
 
     def _emit(self, event: Event) -> None:
-        self._files.write(event)
+        if self._files is not None:
+            self._files.write(event)
         line = LogLine(at=event.at, name=event.name, text=event.message, kind=event.kind)
         self.logs.append(line)
         if event.kind in ("reload", "error") or (
@@ -1059,10 +1062,18 @@ def _run_tui(topology: Topology, reload: bool) -> int:
                 return
             last = now
             supervisor.dirty = False
-            live.update(Dashboard(supervisor.snapshot()), refresh=True)
+            snapshot = supervisor.snapshot()
+            # Give the log lines whatever height the tables leave.
+            used = 16 + len(snapshot.processes) + 2 * len(snapshot.replicas)
+            lines = max(3, console.height - used)
+            live.update(Dashboard(snapshot, log_lines=lines), refresh=True)
 
         code = supervisor.run(on_tick=refresh)
     for line in list(supervisor.events)[-5:]:
         console.print(f"{line.name} | {line.text}", markup=False, highlight=False)
-    console.print(f"anyserve up stopped (exit {code}); logs in {topology.state_dir / 'logs'}")
+    console.print(
+        f"anyserve up stopped (exit {code}); logs in {topology.state_dir / 'logs'}",
+        markup=False,
+        highlight=False,
+    )
     return code

@@ -1,0 +1,181 @@
+"""The dashboard: rendered into a string console, and live in a pseudo terminal."""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from anyserve.dashboard import Dashboard, LogLine, ProcessView, ReplicaView, Snapshot
+from tests.apps.up_support import leftovers, write_app, write_topology
+
+
+def _snapshot() -> Snapshot:
+    now = time.time()
+    return Snapshot(
+        topology="/srv/anyserve.toml",
+        api_url="http://127.0.0.1:8080",
+        pid=4242,
+        started_at=now - 125,
+        api_reachable=True,
+        processes=(
+            ProcessView(
+                "api.0",
+                "api",
+                "api server",
+                "ready",
+                pid=100,
+                port=8080,
+                uptime=125,
+                cpu=0.4,
+                rss=52_000_000,
+            ),
+            ProcessView(
+                "chat.0",
+                "chat",
+                "replica",
+                "ready",
+                pid=101,
+                port=50051,
+                uptime=120,
+                cpu=2.5,
+                rss=61_000_000,
+                replica_id="chat-0-a1b2c3",
+            ),
+            ProcessView(
+                "chat.1",
+                "chat",
+                "replica",
+                "backing off",
+                restarts=2,
+                backoff=1.0,
+                retry_in=0.8,
+                exit_code=-9,
+                message="killed by SIGKILL",
+            ),
+            ProcessView(
+                "bad.0",
+                "bad",
+                "replica",
+                "crash loop",
+                restarts=6,
+                exit_code=1,
+                retry_in=12.0,
+                message="exited with code 1: RuntimeError: boom",
+                stderr_tail=("Traceback (most recent call last):", "RuntimeError: boom"),
+            ),
+        ),
+        replicas=(
+            ReplicaView(
+                "chat-0-a1b2c3",
+                "127.0.0.1:50051",
+                ({"type": "chat", "model": "demo"}, {"type": "chat", "stream": True}),
+                in_flight=3,
+                requests=1234,
+                errors=5,
+                p50_ms=4.2,
+                p99_ms=31.5,
+            ),
+        ),
+        events=(LogLine(now - 5, "chat", "reloaded chat in 2.3s", "reload"),),
+        logs=(LogLine(now - 1, "chat.0", "request 9f0 type=chat ok 0.4ms"),),
+    )
+
+
+def _render(renderable: object, width: int = 100) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_dashboard_shows_processes_replicas_events_and_logs() -> None:
+    text = _render(Dashboard(_snapshot()))
+    for column in ("NAME", "KIND", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "RSS", "PORT"):
+        assert column in text
+    for column in ("CAPABILITIES", "IN-FLIGHT", "REQS", "ERRS", "P50 MS", "P99 MS"):
+        assert column in text
+    assert "up 2m05s" in text and "pid 4242" in text
+    chat = next(line for line in text.splitlines() if line.startswith("chat.0 "))
+    assert chat.split() == [
+        "chat.0",
+        "replica",
+        "101",
+        "ready",
+        "0",
+        "2m00s",
+        "2.5",
+        "58.2",
+        "MB",
+        "50051",
+    ]
+    crash = next(line for line in text.splitlines() if line.startswith("bad.0 "))
+    assert "crash loop" in crash and " 6 " in crash
+    assert "bad.0: exited with code 1: RuntimeError: boom; next try in 12.0s" in text
+    assert "Traceback (most recent call last):" in text  # the crash loop's last stderr lines
+    assert "chat.1: killed by SIGKILL; next try in 0.8s" in text
+    assert "type=chat model=demo" in text and "type=chat (stream)" in text
+    replica = next(line for line in text.splitlines() if line.startswith("chat-0-a1b2c3"))
+    assert replica.split()[-5:] == ["3", "1234", "5", "4.2", "31.5"]
+    assert "reloaded chat in 2.3s" in text and "request 9f0 type=chat ok" in text
+
+
+def test_dashboard_fits_80_columns() -> None:
+    text = _render(Dashboard(_snapshot()), width=80)
+    assert "…" not in text.split("Replicas")[0]  # no column of the process table is cut
+
+
+def test_snapshot_round_trips_through_json() -> None:
+    import json
+
+    snap = _snapshot()
+    again = Snapshot.from_dict(json.loads(json.dumps(snap.to_dict())))
+    assert again == snap
+
+
+def test_empty_registry_says_why() -> None:
+    snap = Snapshot(topology="t", api_url="u", pid=1, started_at=time.time())
+    assert "API server not reachable" in _render(Dashboard(snap))
+
+
+def test_live_dashboard_in_a_pseudo_terminal(tmp_path: Path) -> None:
+    """`anyserve up` on a terminal draws the live view; Ctrl-C stops it cleanly (130)."""
+    pexpect = pytest.importorskip("pexpect")
+    write_app(tmp_path)
+    topology = write_topology(
+        tmp_path,
+        """
+        [replicas.echo]
+        app = "upapp.echo:app"
+        drain_timeout = 1
+        """,
+    )
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "anyserve", "up", "-c", str(topology)],
+        cwd=str(tmp_path),
+        dimensions=(40, 120),
+        encoding="utf-8",
+        timeout=30,
+    )
+    try:
+        child.expect("Processes")
+        child.expect("Replicas")
+        # The replica shows up as registered (its id in the replicas table).
+        child.expect(r"echo-0-[0-9a-f]{6}")
+        child.expect("ready")
+        time.sleep(0.5)
+        child.sendintr()  # Ctrl-C, as the terminal sends it
+        child.expect(pexpect.EOF, timeout=20)
+        child.close()
+        assert child.exitstatus == 130, (child.exitstatus, child.signalstatus)
+        assert "anyserve up stopped (exit 130)" in child.before
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+    time.sleep(0.2)
+    assert leftovers(str(tmp_path)) == []

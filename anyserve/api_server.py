@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from anyserve import kserve
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.errors import (
@@ -878,6 +879,8 @@ ROUTES = [
     # `:path` so that a key with a '/' reaches the store's key check (400), not a 404.
     Route("/objects/{key:path}", download_object, methods=["GET"]),
     Route("/objects/{key:path}", delete_object, methods=["DELETE"]),
+    # KServe v2 REST (the Open Inference Protocol), routed by capability.
+    *kserve.routes,
 ]
 
 

@@ -121,9 +121,9 @@ def request(state_dir: Path, command: str, timeout: float = 15.0, **args: Any) -
             ) from None
         except OSError as exc:
             raise NotReachable(f"cannot reach `anyserve up` at {path}: {exc}") from None
-        sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
         data = b""
         try:
+            sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -131,6 +131,8 @@ def request(state_dir: Path, command: str, timeout: float = 15.0, **args: Any) -
                 data += chunk
         except TimeoutError:
             raise NotReachable(f"`anyserve up` did not answer within {timeout:.0f}s") from None
+        except OSError:  # it is going away (`down`) or was killed mid-answer
+            data = b""
     if not data:
         raise NotReachable("`anyserve up` closed the control connection without answering")
     reply = json.loads(data)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.apps.up_support import (
     ECHO_APP,
@@ -30,7 +31,7 @@ from tests.apps.up_support import (
     write_app,
     write_topology,
 )
-from tests.conftest import Procs, free_port, wait_until
+from tests.conftest import ROOT, Procs, free_port, wait_until
 
 
 def test_up_serves_reloads_without_failures_scales_and_stops(procs: Procs, tmp_path: Path) -> None:
@@ -117,3 +118,142 @@ def _settled(root: Path, name: str, port: int) -> bool:
     """One ready process for ``name``, on its fixed port, and no reload in progress."""
     rows = [p for p in snapshot(root)["processes"] if p["name"] == name]
     return len(rows) == 1 and rows[0]["state"] == "ready" and rows[0]["port"] == port
+
+
+def test_control_from_another_terminal_and_object_ttl(procs: Procs, tmp_path: Path) -> None:
+    """`status`, `restart` (a group, the API server), `down`; and the TTL sweep of objects."""
+    from anyserve.objects import ObjectStore
+
+    write_app(tmp_path)
+    topology = write_topology(
+        tmp_path,
+        """
+        [replicas.echo]
+        app = "upapp.echo:app"
+        drain_timeout = 1
+        """,
+    )
+    objects = tmp_path / "objects"
+    ObjectStore(objects, clock=lambda: time.time() - 7200).create({"a": 1}, key="old")
+    ObjectStore(objects).create({"b": 2}, key="fresh")
+    url = api_url(topology)
+    up = procs.start(up_args(topology), name="up", cwd=tmp_path)
+    first = wait_until(lambda: registered(url, "echo-0-"), timeout=20, what="echo registered")
+
+    # The supervisor sweeps objects older than the TTL (1h here).
+    wait_until(lambda: not ObjectStore(objects).exists("old"), timeout=10, what="old object gone")
+    assert ObjectStore(objects).exists("fresh")
+
+    # Idle, `up` costs next to nothing.
+    time.sleep(0.5)
+    cpu = psutil.Process(up.pid).cpu_percent(None)
+    time.sleep(2.0)
+    cpu = psutil.Process(up.pid).cpu_percent(None)
+    assert cpu < 5.0, f"idle anyserve up used {cpu:.1f}% CPU"
+
+    status = cli("status", "-c", str(topology), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "Processes" in status.stdout and "Replicas" in status.stdout
+    assert first[0]["replica_id"] in status.stdout
+
+    restarted = cli("restart", "echo", "-c", str(topology), cwd=tmp_path)
+    assert restarted.returncode == 0 and "one replica at a time" in restarted.stdout
+    wait_until(
+        lambda: (
+            (r := registered(url, "echo-0-"))
+            and r[0]["replica_id"] != first[0]["replica_id"]
+            and len(r) == 1
+        ),
+        timeout=20,
+        what="echo replaced by a new process",
+    )
+
+    api_pid = (process(tmp_path, "api.0") or {})["pid"]
+    assert cli("restart", "api", "-c", str(topology), cwd=tmp_path).returncode == 0
+    wait_until(
+        lambda: (r := process(tmp_path, "api.0")) and r["pid"] != api_pid and r["state"] == "ready",
+        timeout=20,
+        what="API server restarted",
+    )
+    # The replicas' next heartbeats repopulate the new API server's registry.
+    wait_until(lambda: registered(url, "echo-0-"), timeout=10, what="echo registered again")
+
+    unknown = cli("restart", "nope", "-c", str(topology), cwd=tmp_path)
+    assert unknown.returncode == 1 and "no process or group named 'nope'" in unknown.stderr
+
+    down = cli("down", "-c", str(topology), cwd=tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert "stopped" in down.stdout
+    assert up.popen.wait(timeout=10) == 0
+    wait_until(lambda: not leftovers(str(tmp_path)), timeout=5, what="no process left")
+
+
+def test_the_demo_topology_serves_the_seed_readme_requests(procs: Procs, tmp_path: Path) -> None:
+    """The repository's anyserve.toml (ports moved to free ones) serves the seed README's
+    curl requests; Ctrl-C exits 130 and leaves no process behind."""
+    text = (ROOT / "anyserve.toml").read_text()
+    api_port, chat_port = free_port(), free_port()
+    text = text.replace("port = 8080", f"port = {api_port}")
+    text = text.replace("port = 50051", f"port = {chat_port}")
+    text = text.replace("/tmp/anyserve-objects", str(tmp_path / "objects"))
+    (tmp_path / "anyserve.toml").write_text(text)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    url = f"http://127.0.0.1:{api_port}"
+    up = procs.start(up_args(tmp_path / "anyserve.toml"), name="up", cwd=tmp_path)
+    wait_until(lambda: len(registered(url, "")) == 4, timeout=30, what="the four demo groups")
+
+    def ask(cap: str, name: str, text: str) -> dict[str, object]:
+        body = {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "contents": {"bytes_contents": [text]},
+                }
+            ]
+        }
+        reply = httpx.post(
+            url + "/infer/json", json=body, headers={"X-Capability-Type": cap}, timeout=10
+        )
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+    assert "Hello World" in json.dumps(ask("chat", "text", "Hello World"))
+    assert ask("embed", "text", "Sample text")["outputs"]
+    assert ask("heavy", "data", "Heavy task")["outputs"]
+    chat = next(r for r in registered(url, "chat-0-"))
+    assert chat["endpoint"] == f"127.0.0.1:{chat_port}"
+
+    pids = [p["pid"] for p in snapshot(tmp_path)["processes"]]
+    up.popen.send_signal(signal.SIGINT)
+    assert up.popen.wait(timeout=20) == 130
+    assert not any(psutil.pid_exists(pid) and _alive(pid) for pid in pids)
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_a_second_ctrl_c_forces(procs: Procs, tmp_path: Path) -> None:
+    write_app(tmp_path)
+    topology = write_topology(
+        tmp_path,
+        """
+        [replicas.echo]
+        app = "upapp.echo:app"
+        drain_timeout = 30
+        """,
+    )
+    up = procs.start(up_args(topology), name="up", cwd=tmp_path)
+    wait_until(lambda: registered(api_url(topology), "echo-0-"), timeout=20, what="registered")
+    up.popen.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    up.popen.send_signal(signal.SIGINT)
+    assert up.popen.wait(timeout=5) == 130
+    assert "second signal: killing everything now" in up.output()
+    wait_until(lambda: not leftovers(str(tmp_path)), timeout=3, what="no process left")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -29,10 +29,11 @@ from typing import Any, overload
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.errors import BadRequest
 
-try:  # orjson is several times faster than json; everything works without it.
+_orjson: Any
+try:  # orjson (a dependency) is several times faster than json; json is the fallback.
     import orjson as _orjson
 except ImportError:  # pragma: no cover - the json fallback is tested directly
-    _orjson = None  # type: ignore[assignment]
+    _orjson = None
 
 __all__ = [
     "DATATYPE_FIELD",
@@ -145,8 +146,15 @@ def _json_dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; orjson refuses them too.
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _json_loads(data: bytes | bytearray | memoryview | str) -> Any:
-    return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+    return json.loads(
+        bytes(data) if isinstance(data, memoryview) else data, parse_constant=_no_constant
+    )
 
 
 if _orjson is not None:

@@ -612,6 +612,8 @@ def test_stdlib_json_fallback_matches_orjson() -> None:
     assert "\u4e16".encode() in fallback  # UTF-8, not \\u escapes
     assert tensors._json_loads(fallback) == loads(dumps(body)) == body
     assert tensors._json_loads(memoryview(fallback)) == body
+    with pytest.raises(ValueError, match="NaN is not valid JSON"):
+        tensors._json_loads(b'{"a": NaN}')
 
 
 # -- handler helpers --------------------------------------------------------------------

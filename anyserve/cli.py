@@ -42,16 +42,39 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 @app.command()
 def replica(
-    app_ref: Annotated[str, typer.Argument(metavar="APP", help="module:attribute of an AnyServe app, e.g. examples.mvp_demo.chat_app:app")],
+    app_ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="APP",
+            help="module:attribute of an AnyServe app, e.g. examples.mvp_demo.chat_app:app",
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to bind the gRPC server to.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port (0 picks a free port).")] = 8000,
-    api_server: Annotated[Optional[str], typer.Option("--api-server", help="API server URL to register with, e.g. http://localhost:8080.")] = None,
-    object_store: Annotated[Path, typer.Option("--object-store", help="Object store directory shared by the replicas.")] = Path("/tmp/anyserve-objects"),
-    replica_id: Annotated[Optional[str], typer.Option("--replica-id", help="Replica identifier (default: generated).")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Let the object store read and write pickle objects.")] = False,
-    grace: Annotated[float, typer.Option(help="Seconds to finish in-flight requests on shutdown.")] = 10.0,
+    api_server: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-server", help="API server URL to register with, e.g. http://localhost:8080."
+        ),
+    ] = None,
+    object_store: Annotated[
+        Path, typer.Option("--object-store", help="Object store directory shared by the replicas.")
+    ] = Path("/tmp/anyserve-objects"),
+    replica_id: Annotated[
+        Optional[str], typer.Option("--replica-id", help="Replica identifier (default: generated).")
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Let the object store read and write pickle objects."),
+    ] = False,
+    grace: Annotated[
+        float, typer.Option(help="Seconds to finish in-flight requests on shutdown.")
+    ] = 10.0,
 ) -> None:
-    """Serve one app's capabilities over KServe v2 gRPC (the bare form `anyserve APP ...` is the same)."""
+    """Serve one app's capabilities over KServe v2 gRPC.
+
+    The bare form `anyserve APP --port 50051 --api-server URL` is the same command.
+    """
     from anyserve.replica import ReplicaConfig, run
 
     run(
@@ -68,7 +91,7 @@ def replica(
     )
 
 
-# --------------------------------------------------------------------------- api-server (issue 3)
+# ---------------------------------------------------------------------- api-server
 
 
 class LogLevel(str, Enum):
@@ -131,7 +154,7 @@ def api_server(
 
 # --------------------------------------------------------------------------- end api-server
 
-# --------------------------------------------------------------------------- up & control (issue 4)
+# ---------------------------------------------------------------------- up & control
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The topology file.", show_default=True)
 ]
@@ -362,7 +385,7 @@ def logs(
 
 # --------------------------------------------------------------------------- end up & control
 
-# --------------------------------------------------------------------------- client commands (issue 5)
+# ---------------------------------------------------------------------- client commands
 # `call`, `registry` and `objects` wrap the API server's HTTP surface (anyserve.client). Output
 # for people is plain text or a rich table on stdout; `--json` prints machine-readable JSON;
 # progress bars and `--explain` go to stderr so that stdout stays pipeable.
@@ -1056,6 +1079,8 @@ def objects_gc(
         _print_json({"removed": removed, "count": len(removed)})
     else:
         typer.echo(f"removed {len(removed)} object(s) older than {older_than}")
+
+
 # --------------------------------------------------------------------------- end client commands
 
 

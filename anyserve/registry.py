@@ -26,6 +26,7 @@ __all__ = [
     "Capability",
     "Choice",
     "Conflict",
+    "Gone",
     "Registry",
     "ReplicaRecord",
     "ReplicaStats",
@@ -38,6 +39,8 @@ __all__ = [
 LATENCY_WINDOW = 1024
 
 _ID_MAX = 200
+#: How many explicitly unregistered (id, instance) pairs are remembered.
+_TOMBSTONES = 4096
 # Printable ASCII except space, ',' and '='.
 _ID_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - {",", "="}
 
@@ -46,6 +49,12 @@ class Conflict(AnyServeError):
     """Another process owns this replica id (a different ``instance``)."""
 
     status = 409
+
+
+class Gone(AnyServeError):
+    """A heartbeat from a replica process that was explicitly unregistered."""
+
+    status = 410
 
 
 def value_text(value: Any) -> str:
@@ -207,6 +216,9 @@ class Registry:
         self._records: dict[str, ReplicaRecord] = {}
         # Totals over every request since start, including replicas that have left.
         self._totals = {"requests": 0, "errors": 0}
+        # Replica processes unregistered on purpose (a drain before a reload, `registry rm`):
+        # their heartbeats must not bring them back. Only explicit registration does.
+        self._unregistered: dict[tuple[str, str | None], None] = {}
         # Round-robin position per (query, stream): spreads ties evenly and deterministically.
         self._turns: dict[tuple[tuple[tuple[str, str], ...], bool], int] = {}
 
@@ -224,6 +236,7 @@ class Registry:
         # heartbeat after an API server hiccup): history stays, and requests still in
         # flight to the old record are still accounted for when they finish.
         stats = previous.stats if previous is not None else ReplicaStats()
+        self._unregistered.pop((replica_id, instance), None)
         record = ReplicaRecord(
             replica_id=replica_id,
             endpoint=endpoint,
@@ -241,12 +254,19 @@ class Registry:
         """Renew a lease; returns ``(record, registered)``.
 
         A heartbeat for an unknown id registers it (``registered`` is True), which is
-        how a restarted API server repopulates itself. A heartbeat from another
+        how a restarted API server repopulates itself, except from a process that was
+        unregistered explicitly (:class:`Gone`): it is being drained or was removed, and
+        only an explicit ``register`` brings it back. A heartbeat from another
         ``instance`` than the record's raises :class:`Conflict`.
         """
         replica_id, endpoint, capabilities, instance = self._parse(body)
         record = self._records.get(replica_id)
         if record is None or self._expired(record, self._clock()):
+            if (replica_id, instance) in self._unregistered:
+                raise Gone(
+                    f"replica {replica_id!r} was unregistered and is not re-registered by "
+                    "its heartbeats; restart it (or POST /register) to serve again"
+                )
             return self.register(body), True
         self._check_owner(record, instance, "heartbeat")
         record.renewed = self._clock()
@@ -270,6 +290,9 @@ class Registry:
             return None
         self._check_owner(record, instance, "unregister")
         del self._records[replica_id]
+        self._unregistered[(replica_id, record.instance)] = None
+        if len(self._unregistered) > _TOMBSTONES:
+            del self._unregistered[next(iter(self._unregistered))]  # the oldest
         return record
 
     def expire(self) -> list[ReplicaRecord]:

@@ -490,6 +490,10 @@ def test_register_unregister_and_ownership(cluster: Cluster) -> None:
     assert not any(r["replica_id"] == "fake-1" for r in cluster.api.registry())
     again = httpx.request("DELETE", url + "/unregister", json={"replica_id": "fake-1"})
     assert again.status_code == 404
+    # A drained replica still heartbeating stays out of the registry.
+    late = httpx.post(url + "/heartbeat", json=register_body("fake-1"))
+    assert late.status_code == 410
+    assert not any(r["replica_id"] == "fake-1" for r in cluster.api.registry())
 
 
 def test_heartbeat_for_unknown_id_registers(cluster: Cluster) -> None:

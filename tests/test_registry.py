@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from anyserve.errors import BadRequest, NoMatchingCapability
-from anyserve.registry import Capability, Conflict, Registry, value_text
+from anyserve.registry import Capability, Conflict, Gone, Registry, value_text
 
 
 class FakeClock:
@@ -185,6 +185,31 @@ def test_unregister_only_by_owner(registry: Registry) -> None:
     assert registry.unregister("r1", "owner") is not None
     assert registry.records() == []
     assert registry.unregister("r1", "owner") is None  # already gone: not an error
+
+
+def test_heartbeat_after_unregister_does_not_resurrect(registry: Registry) -> None:
+    # A replica being drained keeps heartbeating until it stops; it must stay out.
+    registry.register(body(instance="old"))
+    registry.unregister("r1")  # the supervisor does not know the instance
+    with pytest.raises(Gone) as info:
+        registry.heartbeat(body(instance="old"))
+    assert info.value.status == 410
+    assert registry.records() == []
+    # Its replacement (another process) heartbeating under the same id is welcome...
+    _, registered = registry.heartbeat(body(instance="new"))
+    assert registered
+    # ...and so is an explicit registration of the old one.
+    registry.unregister("r1", "new")
+    registry.register(body(instance="old"))
+    registry.heartbeat(body(instance="old"))
+
+
+def test_eviction_does_not_block_reregistration(registry: Registry, clock: FakeClock) -> None:
+    registry.register(body())
+    clock.advance(9)
+    registry.expire()
+    _, registered = registry.heartbeat(body())
+    assert registered
 
 
 def test_unregister_without_instance(registry: Registry) -> None:

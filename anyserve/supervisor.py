@@ -533,6 +533,7 @@ class Supervisor:
         assert child is not None
         child.join_output(0.3)
         self._flush_lines()
+        self._by_child.pop(child.pid, None)
         proc.child = None
         proc.exit_code = code
         proc.stderr_tail = tuple(child.stderr_tail)

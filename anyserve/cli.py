@@ -787,7 +787,7 @@ def registry_rm(
 ) -> None:
     """Remove a replica's record from the registry.
 
-    A running replica registers again with its next heartbeat: stop its process to remove it.
+    The replica's heartbeats no longer bring it back; it serves again once restarted.
     """
     with _client(api_server) as client:
         client.unregister(replica_id)

@@ -381,17 +381,29 @@ def test_api_server_from_env_and_anyserve_toml(demo: Demo, tmp_path: Path) -> No
 # --------------------------------------------------------------------------- large objects
 
 
-def _peak_rss_mb(args: list[str]) -> tuple[int, float]:
-    """Run a command; its exit code and peak resident memory in MiB (from wait4's rusage)."""
+# Runs a command and reports its peak RSS. The measuring parent must be small: Linux keeps
+# the pre-exec high-water mark of the forking process in ru_maxrss, so measuring straight
+# from pytest would count pytest's own memory.
+_MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\nMAXRSS {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}\\n")
+"""
+
+
+def _peak_rss_mb(args: list[str]) -> float:
+    """Run a command to completion; its peak resident memory in MiB."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANYSERVE_")}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    proc.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, out
-    return proc.returncode, usage.ru_maxrss / 1024  # Linux reports KiB
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *args], capture_output=True, env=env, timeout=300
+    )
+    last = result.stderr.decode().strip().splitlines()[-1]
+    _, kib, code = last.split()
+    assert code == "0", result.stderr.decode()
+    return int(kib) / 1024  # Linux reports KiB
 
 
 def _sha256(path: Path) -> str:
@@ -413,10 +425,10 @@ def test_200mb_round_trip_keeps_memory_flat(procs: Procs, tmp_path: Path) -> Non
         for i in range(200):
             f.write(block[i:] + block[:i])  # no two MiB alike
     out = tmp_path / "back.bin"
-    _, put_mb = _peak_rss_mb(
+    put_mb = _peak_rss_mb(
         [*ANYSERVE, "objects", "put", str(src), "--key", "big", "--api-server", api.url]
     )
-    _, get_mb = _peak_rss_mb(
+    get_mb = _peak_rss_mb(
         [*ANYSERVE, "objects", "get", "big", "-o", str(out), "--api-server", api.url]
     )
     print(f"peak RSS: put {put_mb:.0f} MiB, get {get_mb:.0f} MiB")
@@ -462,3 +474,13 @@ def test_stream_timeout_ends_with_one_error_line(demo: Demo) -> None:
     assert result.stdout.startswith("Hello") and result.stdout.endswith("\n")
     assert result.stdout != "Hello world! This is streaming.\n"
     assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+
+
+def test_registry_rm_keeps_a_live_replica_out(procs: Procs) -> None:
+    api = start_api_server(procs)
+    start_replica(procs, GROUPS["chat-0"], api_server=api, replica_id="doomed")
+    assert ok("registry", "rm", "doomed", "--api-server", api.url).stdout == "removed doomed\n"
+    time.sleep(1.5)  # three heartbeat intervals: they must not re-register it
+    assert "doomed" not in ok("registry", "ls", "--api-server", api.url).stdout
+    gone = run("call", "-c", "type=chat", "Hello", "--api-server", api.url)
+    assert gone.returncode == 1 and gone.stderr.startswith("error: no replica serves")

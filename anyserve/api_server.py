@@ -119,7 +119,9 @@ class Routing:
     depth: int
 
     @classmethod
-    def from_request(cls, request: Request, default_timeout: float) -> Routing:
+    def from_request(
+        cls, request: Request, default_timeout: float, stream: bool = False
+    ) -> Routing:
         """Parse the ``X-Capability-*``, delegation and timeout headers; 400/508 when wrong."""
         query: dict[str, str] = {}
         for name, value in request.headers.items():
@@ -128,6 +130,11 @@ class Routing:
                 if not value.strip():
                     raise BadRequest(f"header {name} is empty; give the capability's value")
                 query[key] = value.strip()
+        # `stream` is not an attribute but the route: accept it when it agrees.
+        said = query.pop("stream", None)
+        if said is not None and said.lower() != str(stream).lower():
+            route = "/infer/stream" if said.lower() == "true" else "/infer/json or /infer"
+            raise BadRequest(f"X-Capability-Stream: {said} does not fit this route; use {route}")
         if not query:
             raise BadRequest(
                 "no X-Capability-* header: say which capability to call, "
@@ -608,7 +615,7 @@ async def register(request: Request) -> Response:
 
 
 async def heartbeat(request: Request) -> Response:
-    """``POST /heartbeat``: renew a lease; an unknown id registers again."""
+    """``POST /heartbeat``: renew a lease; an unknown id registers again (see Registry)."""
     gateway = _gateway(request)
     record, registered = gateway.registry.heartbeat(await _json_body(request))
     if registered:
@@ -726,13 +733,15 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-async def _infer_input(request: Request, protobuf: bool) -> tuple[Routing, pb.ModelInferRequest]:
+async def _infer_input(
+    request: Request, protobuf: bool, stream: bool = False
+) -> tuple[Routing, pb.ModelInferRequest]:
     """The routing headers and the request message (serialized protobuf or the seed's JSON)."""
     from google.protobuf.message import DecodeError
 
     from anyserve.tensors import request_from_json
 
-    routing = Routing.from_request(request, _gateway(request).config.request_timeout)
+    routing = Routing.from_request(request, _gateway(request).config.request_timeout, stream)
     _note(request, routing)
     if not protobuf:
         return routing, request_from_json(await _json_body(request))
@@ -768,7 +777,7 @@ async def infer_stream(request: Request) -> Response:
     ``application/x-protobuf``.
     """
     protobuf = request.headers.get("content-type", "").startswith(_PROTOBUF)
-    routing, message = await _infer_input(request, protobuf)
+    routing, message = await _infer_input(request, protobuf, stream=True)
     client_gone = partial(_disconnected, request.receive)
     response = await _gateway(request).open_stream(message, routing, client_gone)
     _note(request, routing, response.stream.choice)

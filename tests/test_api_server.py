@@ -211,6 +211,13 @@ def test_stream_route_never_reaches_unary_handlers(cluster: Cluster) -> None:
         assert unary.headers["X-AnyServe-Replica"] == "chat"
         streamed = post(cluster.api, "/infer/stream", text_body("Hi"), {"Type": "chat"})
         assert streamed.headers["X-AnyServe-Replica"] == "stream"
+    explicit = post(
+        cluster.api, "/infer/stream", text_body("Hi"), {"Type": "chat", "Stream": "true"}
+    )
+    assert explicit.headers["X-AnyServe-Replica"] == "stream"
+    wrong = post(cluster.api, "/infer/json", text_body("Hi"), {"Type": "chat", "Stream": "true"})
+    assert wrong.status_code == 400
+    assert "use /infer/stream" in wrong.json()["detail"]
     unary_only = post(cluster.api, "/infer/json", text_body("x"), {"Type": "ticker"})
     assert unary_only.status_code == 404
     assert "use /infer/stream" in unary_only.json()["detail"]

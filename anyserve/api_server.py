@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from anyserve import kserve
+from anyserve import kserve, openapi
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.errors import (
@@ -888,6 +888,7 @@ ROUTES = [
     # `:path` so that a key with a '/' reaches the store's key check (400), not a 404.
     Route("/objects/{key:path}", download_object, methods=["GET"]),
     Route("/objects/{key:path}", delete_object, methods=["DELETE"]),
+    Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     # KServe v2 REST (the Open Inference Protocol), routed by capability.
     *kserve.routes,
 ]

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
@@ -424,8 +424,10 @@ def encode_response(
 # --------------------------------------------------------------------------- routes
 
 
-def _error(message: str, status: int) -> Response:
-    return Response(dumps({"error": message}), status_code=status, media_type=_JSON)
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        dumps({"error": message}), status_code=status, media_type=_JSON, headers=headers
+    )
 
 
 def _json(data: Any, headers: dict[str, str] | None = None) -> Response:
@@ -563,6 +565,24 @@ async def infer(request: Request) -> Response:
     return Response(content, media_type=_BINARY, headers=headers)
 
 
+async def unknown(request: Request) -> Response:
+    """Any other ``/v2`` path or method: a v2-shaped 404 (405 when only the method is wrong)."""
+    for route in routes:
+        if route.endpoint is not unknown and route.matches(request.scope)[0] is Match.PARTIAL:
+            allowed = ", ".join(sorted(route.methods or ()))
+            return _error(
+                f"{request.method} is not allowed on {request.url.path}; use {allowed}",
+                405,
+                headers={"Allow": allowed},
+            )
+    return _error(
+        f"no route {request.url.path}: AnyServe answers the KServe v2 health, server and model "
+        "metadata, ready and infer endpoints (model repository, statistics, trace, logging "
+        "and shared memory are not supported)",
+        404,
+    )
+
+
 routes = [
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/health/live", server_live, methods=["GET"]),
@@ -573,4 +593,6 @@ routes = [
     Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
     Route("/v2/models/{name}/infer", infer, methods=["POST"]),
     Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+    # Last: it matches every other path under /v2.
+    Route("/v2/{path:path}", unknown),
 ]

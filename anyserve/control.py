@@ -107,6 +107,17 @@ def _answers(path: Path) -> bool:
     return True
 
 
+def running_pid(state_dir: Path) -> int | None:
+    """The pid of the ``up`` that owns ``state_dir``, or None if none answers."""
+    if not _answers(socket_path(state_dir)):
+        return None
+    try:
+        snapshot = request(state_dir, "ps", timeout=5)
+    except AnyServeError:
+        return None
+    return int(snapshot.get("pid", 0)) or None
+
+
 def request(state_dir: Path, command: str, timeout: float = 15.0, **args: Any) -> Any:
     """Send one command to the ``up`` owning ``state_dir`` and return its result."""
     path = socket_path(state_dir)

@@ -189,6 +189,14 @@ class Supervisor:
 
     def preflight(self) -> None:
         """Refuse to start when a fixed port is taken (naming the port and the group)."""
+        from anyserve.control import running_pid
+
+        pid = running_pid(self.topology.state_dir)
+        if pid is not None:
+            raise AnyServeError(
+                f"`anyserve up` is already running for {self.topology.path} (pid {pid}); "
+                "use `anyserve status`, or stop it with `anyserve down`"
+            )
         api = self.topology.api_server
         if port_in_use(api.host, api.port):
             raise config_error(

@@ -73,6 +73,16 @@ def test_up_serves_reloads_without_failures_scales_and_stops(procs: Procs, tmp_p
     assert first_new < 3.0, f"new answer only after {first_new:.1f}s"
     assert last_old < 3.0, f"old answer still seen {last_old:.1f}s after the edit"
     assert len(traffic.answers) > 50
+    # The dashboard's per-replica numbers come from the API server.
+    wait_until(
+        lambda: any(r["requests"] > 0 for r in snapshot(tmp_path)["replicas"]),
+        timeout=5,
+        what="request counts in the snapshot",
+    )
+
+    # A second `up` for the same file refuses to start and leaves the first alone.
+    second = cli("up", "--no-tui", "-c", str(topology), cwd=tmp_path)
+    assert second.returncode == 1 and "already running" in second.stderr
 
     # -- a syntax error: old code keeps serving, the error shows in ps and the log
     handler.write_text("def broken(:\n    pass\n")

@@ -650,7 +650,9 @@ def call(
         body=load_body(body) if body is not None else None,
     )
 
-    with _client(api_server) as client:
+    # Without --timeout the API server's own deadline applies; wait well past it so that its
+    # message, not a client-side timeout, is what the user sees.
+    with _client(api_server, timeout=600.0) as client:
         if not stream:
             result = client.infer_json(request, caps, timeout=timeout)
             if as_json:

@@ -111,7 +111,12 @@ class Capability:
             attrs=attrs,
             stream=stream,
             match_keys={k.lower(): value_text(v) for k, v in attrs.items()},
-            metadata=json.dumps(attrs, separators=(",", ":"), ensure_ascii=True),
+            # Values as the text they are compared by, so both sides agree (True → "true").
+            metadata=json.dumps(
+                {k: value_text(v) for k, v in attrs.items()},
+                separators=(",", ":"),
+                ensure_ascii=True,
+            ),
         )
 
     def matches(self, query: Mapping[str, str], stream: bool) -> bool:

@@ -176,6 +176,13 @@ def test_numeric_capability_header_reaches_heavy(cluster: Cluster) -> None:
     assert miss.status_code == 404
 
 
+def test_boolean_and_number_attributes_match_as_text(cluster: Cluster) -> None:
+    caps = {"Type": "flags", "Fp16": "true", "Gpus": "2"}
+    reply = post(cluster.api, "/infer/json", text_body("x"), caps)
+    assert reply.status_code == 200, reply.text
+    assert output(reply.json(), "replica") in ("slow-a", "slow-b")
+
+
 def test_missing_capability_headers_is_400(cluster: Cluster) -> None:
     reply = post(cluster.api, "/infer/json", text_body("x"))
     assert reply.status_code == 400

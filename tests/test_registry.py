@@ -123,7 +123,7 @@ def test_capability_values_are_compared_as_text() -> None:
     assert not cap.matches({"gpus": "2", "model": "x"}, stream=False)
     assert not cap.matches({"gpus": "2"}, stream=True)
     assert value_text(False) == "false"
-    assert cap.metadata == '{"type":"heavy","gpus":2,"fp16":true,"Ratio":0.5}'
+    assert cap.metadata == '{"type":"heavy","gpus":"2","fp16":"true","Ratio":"0.5"}'
     assert str(cap) == "type=heavy gpus=2 fp16=true Ratio=0.5"
 
 

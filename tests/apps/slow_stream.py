@@ -91,6 +91,12 @@ def whoami(request: ModelInferRequest, context: Context) -> ModelInferResponse:
     return make_response(request, replica=context.replica_id, request_id=context.request_id or "")
 
 
+@app.capability(type="flags", fp16=True, gpus=2)
+def flags(request: ModelInferRequest, context: Context) -> ModelInferResponse:
+    """A capability with non-text attributes, matched as text."""
+    return make_response(request, replica=context.replica_id)
+
+
 @app.capability(type="sleep")
 def sleep(request: ModelInferRequest, context: Context) -> ModelInferResponse:
     """Sleep for ``text`` seconds, then answer with the replica id."""

@@ -75,8 +75,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # gRPC's default backoff grows to 120 s; a replica restarted on the same port must be
     # reachable again within a second.
+    # (min_reconnect_backoff_ms stays at its default: gRPC also uses it as the connect
+    # timeout, and 100 ms fails first connections on a busy machine.)
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     # Our own "try the next replica" is the retry policy; gRPC's would hide which one failed.
     ("grpc.enable_retries", 0),

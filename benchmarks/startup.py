@@ -1,0 +1,174 @@
+"""Start-up: ``anyserve --help``, ``anyserve up`` of the demo, and file save → new code answering.
+
+``anyserve up`` runs a copy of the demo topology (``anyserve.toml`` at the repository root)
+in a temp directory: the same four replica groups, their apps copied into a temp package
+so that editing one does not touch the repository, the API server on a free port and the
+replicas on free ports. The reload figure edits the copied ``stream_app.py`` (its echo
+handler's answer) and polls ``/infer/json`` until the new answer comes back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.servers import ROOT, Child, Children, anyserve_command, free_port, wait_until
+from benchmarks.settings import Settings
+from benchmarks.unary import JSON_BODY
+
+DEMO = ROOT / "examples" / "mvp_demo"
+PACKAGE = "benchdemo"
+GROUPS = {
+    "chat": "chat_app",
+    "embed": "embed_app",
+    "heavy": "heavy_app",
+    "stream": "stream_app",
+}
+#: The text of the echo handler's answer that a reload changes.
+ECHO_MARK = 'f"Echo: {'
+UP_TIMEOUT = 60.0
+RELOAD_TIMEOUT = 30.0
+
+
+def help_time(settings: Settings) -> dict[str, Any]:
+    """Wall time of ``anyserve --help`` (median of ``help_reps`` runs)."""
+    runs = []
+    for _ in range(settings.help_reps):
+        t0 = time.perf_counter()
+        subprocess.run(
+            [*anyserve_command(), "--help"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+        runs.append(time.perf_counter() - t0)
+    settings.progress(f"anyserve --help {statistics.median(runs):.3f} s")
+    return {"median_s": round(statistics.median(runs), 4), "runs_s": [round(r, 4) for r in runs]}
+
+
+def up_available() -> str | None:
+    """None when ``anyserve up`` exists, else why not."""
+    done = subprocess.run(
+        [*anyserve_command(), "up", "--help"], capture_output=True, text=True, check=False
+    )
+    if done.returncode == 0:
+        return None
+    text = (done.stderr or done.stdout).strip()
+    return text.splitlines()[-1] if text else f"anyserve up --help exited {done.returncode}"
+
+
+def write_topology(work: Path) -> tuple[Path, str]:
+    """The demo topology under ``work`` on free ports; returns the file and the API URL."""
+    package = work / PACKAGE
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for module in GROUPS.values():
+        shutil.copy(DEMO / f"{module}.py", package / f"{module}.py")
+    port = free_port()
+    lines = [
+        "[api_server]",
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        "",
+        "[objects]",
+        f'path = "{work / "objects"}"',
+        'ttl = "1h"',
+    ]
+    for group, module in GROUPS.items():
+        lines += ["", f"[replicas.{group}]", f'app = "{PACKAGE}.{module}:app"']
+    file = work / "anyserve.toml"
+    file.write_text("\n".join(lines) + "\n")
+    return file, f"http://127.0.0.1:{port}"
+
+
+def _registered(url: str) -> int:
+    return int(httpx.get(url + "/registry", timeout=1).json()["total"])
+
+
+def _echo(client: httpx.Client, url: str) -> str:
+    reply = client.post(
+        url + "/infer/json",
+        content=JSON_BODY,
+        headers={"Content-Type": "application/json", "X-Capability-Type": "echo"},
+        timeout=5,
+    )
+    if reply.status_code != 200:
+        raise RuntimeError(f"status {reply.status_code}: {reply.text[:200]}")
+    return str(reply.json()["outputs"][0]["contents"]["bytes_contents"][0])
+
+
+def up_and_reload(children: Children, settings: Settings) -> dict[str, Any]:
+    """``{"up": {...}, "reload": {...}}``; each with ``status`` ok, unavailable or failed."""
+    reason = up_available()
+    if reason is not None:
+        settings.progress(f"anyserve up unavailable: {reason}")
+        unavailable = {"status": "unavailable", "reason": reason}
+        return {"up": unavailable, "reload": dict(unavailable)}
+    work = children.dir / "up"
+    file, url = write_topology(work)
+    t0 = time.perf_counter()
+    argv = [*anyserve_command(), "up", "--no-tui", "-c", str(file)]
+    child = children.start("anyserve-up", argv, cwd=work)
+    try:
+        try:
+            wait_until(
+                lambda: child.check() or _registered(url) >= len(GROUPS),
+                UP_TIMEOUT,
+                "every demo replica in /registry",
+                interval=0.01,
+            )
+        except RuntimeError as exc:
+            failed = {"status": "failed", "reason": f"{exc}\n{child.output(1500)}"}
+            return {"up": failed, "reload": {"status": "failed", "reason": "anyserve up failed"}}
+        up_s = time.perf_counter() - t0
+        settings.progress(f"anyserve up: {len(GROUPS)} replicas registered in {up_s:.2f} s")
+        up = {"status": "ok", "registered_s": round(up_s, 3), "replicas": len(GROUPS)}
+        return {"up": up, "reload": _reloads(child, work, url, settings)}
+    finally:
+        children.stop(child, signal.SIGINT, grace=20)
+
+
+def _reloads(child: Child, work: Path, url: str, settings: Settings) -> dict[str, Any]:
+    source = work / PACKAGE / "stream_app.py"
+    original = source.read_text()
+    if ECHO_MARK not in original:
+        return {"status": "unavailable", "reason": f"{ECHO_MARK} not found in stream_app.py"}
+    runs: list[float] = []
+    failures = 0
+    with httpx.Client() as client:
+        for n in range(1, settings.reloads + 1):
+            wanted = f"Echo v{n}: hi"
+            source.write_text(original.replace(ECHO_MARK, f'f"Echo v{n}: {{'))
+            t0 = time.perf_counter()
+            deadline = t0 + RELOAD_TIMEOUT
+            while True:
+                try:
+                    if _echo(client, url) == wanted:
+                        break
+                except (RuntimeError, httpx.HTTPError):
+                    failures += 1  # a reload should never fail a request
+                if time.perf_counter() > deadline:
+                    return {
+                        "status": "failed",
+                        "reason": f"no {wanted!r} within {RELOAD_TIMEOUT:g}s\n{child.output(1500)}",
+                    }
+                time.sleep(0.01)
+            runs.append(time.perf_counter() - t0)
+            settings.progress(f"reload {n}: new code answering after {runs[-1]:.2f} s")
+            # Let the old replica drain and leave before the next save.
+            wait_until(
+                lambda: _registered(url) == len(GROUPS), RELOAD_TIMEOUT, "the old replica to leave"
+            )
+    return {
+        "status": "ok",
+        "median_s": round(statistics.median(runs), 3),
+        "runs_s": [round(r, 3) for r in runs],
+        "failed_requests": failures,
+    }

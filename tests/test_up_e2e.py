@@ -116,6 +116,11 @@ def test_up_serves_reloads_without_failures_scales_and_stops(procs: Procs, tmp_p
     assert sorted(r["name"] for r in rows) == ["api.0", "echo.0", "echo.1"]
     assert rows[-1]["port"] not in (None, port)
 
+    # -- and back down: the extra replica unregisters, drains and goes away
+    assert cli("scale", "echo=1", "-c", str(topology), cwd=tmp_path).returncode == 0
+    wait_until(lambda: len(registered(url, "echo-")) == 1, timeout=10, what="one echo replica")
+    wait_until(lambda: process(tmp_path, "echo.1") is None, timeout=10, what="echo.1 gone")
+
     # -- Ctrl-C: replicas drain, the API server stops, exit 130, nothing left
     up.popen.send_signal(signal.SIGINT)
     assert up.popen.wait(timeout=20) == 130

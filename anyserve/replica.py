@@ -30,7 +30,7 @@ import grpc
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
-from anyserve.app import AnyServe, Handler
+from anyserve.app import AnyServe, Handler, as_text
 from anyserve.context import Context, Stream, StreamClosed
 from anyserve.errors import (
     AnyServeError,
@@ -354,7 +354,7 @@ class Replica:
         raw = metadata.get("anyserve-capability")
         if raw:
             try:
-                query = {str(k): str(v) for k, v in json.loads(raw).items()}
+                query = {str(k): as_text(v) for k, v in json.loads(raw).items()}
             except (ValueError, AttributeError):
                 query = {}
             if query:

@@ -180,3 +180,13 @@ def test_bad_app_reference_is_a_one_line_error(procs: Procs) -> None:
 
 def test_request_helpers_read_what_clients_send() -> None:
     assert input_text(text_request("chat", "héllo")) == "héllo"
+
+
+def test_capability_metadata_compares_json_values_as_text(stub_for) -> None:  # type: ignore[no-untyped-def]
+    stub = stub_for("tests.apps.sdk_app:app")
+    for raw in (
+        '{"type": "flag", "fast": true, "gpus": 2}',
+        '{"type":"flag","fast":"true","gpus":"2"}',
+    ):
+        resp = stub.ModelInfer(text_request(""), metadata=[("anyserve-capability", raw)])
+        assert output_text(resp) == "flagged"

@@ -59,3 +59,8 @@ async def async_stream(request: ModelInferRequest, context: Context, stream: Str
 def stream_raises(request: ModelInferRequest, context: Context, stream: Stream) -> None:
     stream.send(stream_chunk(request, "first"))
     raise RuntimeError("broke mid-stream")
+
+
+@app.capability(type="flag", fast=True, gpus=2)
+def flagged(request: ModelInferRequest) -> ModelInferResponse:
+    return make_response(request, text_output="flagged")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tests.apps.up_support import (
     process,
     registered,
     snapshot,
+    stream_tokens,
     up_args,
     write_app,
     write_topology,
@@ -145,7 +147,7 @@ def test_control_from_another_terminal_and_object_ttl(procs: Procs, tmp_path: Pa
         """
         [replicas.echo]
         app = "upapp.echo:app"
-        drain_timeout = 1
+        drain_timeout = 5
         """,
     )
     objects = tmp_path / "objects"
@@ -171,6 +173,11 @@ def test_control_from_another_terminal_and_object_ttl(procs: Procs, tmp_path: Pa
     assert "Processes" in status.stdout and "Replicas" in status.stdout
     assert first[0]["replica_id"] in status.stdout
 
+    # A rolling restart while a stream is open on the old replica: the stream finishes.
+    streamed: list[list[str]] = []
+    reader = threading.Thread(target=lambda: streamed.append(stream_tokens(url)))
+    reader.start()
+    time.sleep(0.3)
     restarted = cli("restart", "echo", "-c", str(topology), cwd=tmp_path)
     assert restarted.returncode == 0 and "one replica at a time" in restarted.stdout
     wait_until(
@@ -182,6 +189,8 @@ def test_control_from_another_terminal_and_object_ttl(procs: Procs, tmp_path: Pa
         timeout=20,
         what="echo replaced by a new process",
     )
+    reader.join(20)
+    assert streamed == [[f"t{i}" for i in range(20)]]
 
     api_pid = (process(tmp_path, "api.0") or {})["pid"]
     assert cli("restart", "api", "-c", str(topology), cwd=tmp_path).returncode == 0

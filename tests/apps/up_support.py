@@ -3,6 +3,7 @@ and a psutil check that nothing was left running."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -22,16 +23,26 @@ from tests.conftest import ROOT, free_port
 PY = sys.executable
 
 ECHO_APP = """\
+import time
+
 from anyserve import AnyServe
-from anyserve.tensors import make_response
+from anyserve.tensors import make_response, stream_chunk
 
 app = AnyServe(name="echo")
 VERSION = "{version}"
+TOKENS = 20
 
 
 @app.capability(type="echo")
 def echo(request):
     return make_response(request, text_output=VERSION)
+
+
+@app.capability(type="echo", stream=True)
+def tokens(request, context, stream):
+    for i in range(TOKENS):
+        stream.send(stream_chunk(request, f"t{{i}}", "stop" if i == TOKENS - 1 else ""))
+        time.sleep(0.3)
 """
 
 BROKEN_APP = """\
@@ -160,6 +171,35 @@ class Traffic:
 
     def latest(self) -> str | None:
         return self.answers[-1][1] if self.answers else None
+
+
+def stream_tokens(url: str, cap: str = "echo") -> list[str]:
+    """Read a whole /infer/stream answer: each chunk's text, ``ERROR: ...`` for an error."""
+    body = {
+        "inputs": [
+            {
+                "name": "text",
+                "datatype": "BYTES",
+                "shape": [1],
+                "contents": {"bytes_contents": ["s"]},
+            }
+        ]
+    }
+    got: list[str] = []
+    with httpx.stream(
+        "POST", url + "/infer/stream", json=body, headers={"X-Capability-Type": cap}, timeout=30
+    ) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = json.loads(line[len("data: ") :])
+            if "error" in data:
+                got.append(f"ERROR: {data['error']}")
+                continue
+            outputs = {o["name"]: o["contents"]["bytes_contents"][0] for o in data["outputs"]}
+            got.append(str(outputs["text_output"]))
+    return got
 
 
 def leftovers(marker: str) -> list[psutil.Process]:

@@ -50,6 +50,10 @@ def test_crash_backoff_crash_loop_and_sigkill_of_up(procs: Procs, tmp_path: Path
 
         [replicas.bad]
         app = "upapp.broken:app"
+
+        [replicas.once]
+        app = "upapp.broken:app"
+        restart = "never"
         """,
     )
     url = api_url(topology)
@@ -73,6 +77,9 @@ def test_crash_backoff_crash_loop_and_sigkill_of_up(procs: Procs, tmp_path: Path
     assert any("RuntimeError" in line for line in row["stderr_tail"])
     with httpx.Client() as client:
         assert infer(client, url) == "v1"  # the rest keeps serving
+    once = process(tmp_path, "once.0")
+    assert once is not None and once["state"] == "stopped" and once["restarts"] == 0
+    assert once["message"].startswith("exited with code 1")
 
     # A replica that dies is restarted (after a backoff visible in its state).
     echo = process(tmp_path, "echo.0")

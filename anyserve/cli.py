@@ -70,6 +70,14 @@ def replica(
     grace: Annotated[
         float, typer.Option(help="Seconds to finish in-flight requests on shutdown.")
     ] = 10.0,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            "--max-in-flight",
+            min=1,
+            help="Requests the API server may send this replica at once (it queues the rest).",
+        ),
+    ] = 8,
 ) -> None:
     """Serve one app's capabilities over KServe v2 gRPC.
 
@@ -87,6 +95,7 @@ def replica(
             replica_id=replica_id,
             allow_pickle=allow_pickle,
             grace=grace,
+            max_in_flight=max_in_flight,
         )
     )
 

@@ -64,6 +64,8 @@ class ReplicaConfig:
     allow_pickle: bool = False
     grace: float = 10.0
     workers: int = field(default_factory=lambda: min(32, (os.cpu_count() or 1) + 4))
+    #: Requests the API server may have in flight on this replica at once (advertised).
+    max_in_flight: int = 8
     token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
 
 
@@ -314,6 +316,72 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
             await context.abort(grpc_code(exc), exc.message)
 
 
+class _Malformed:
+    """A request body that is not the protobuf message it should be."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(message_cls: Any) -> Any:
+    from google.protobuf.message import DecodeError
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc))
+
+    return parse
+
+
+def _guard(method: Any, streaming: bool) -> Any:
+    """Answer a malformed request with INVALID_ARGUMENT (gRPC's own answer is INTERNAL)."""
+    name = method.__name__
+    if streaming:
+
+        async def guarded_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, _Malformed):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{name}: malformed request: {request.error}"
+                )
+            async for message in method(request, context):
+                yield message
+
+        return guarded_stream
+
+    async def guarded(request: Any, context: Any) -> Any:
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{name}: malformed request: {request.error}"
+            )
+        return await method(request, context)
+
+    return guarded
+
+
+def add_servicer(servicer: InferenceServicer, server: Any) -> None:
+    """Register the service like the generated adder, but with lenient request parsing."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            _guard(getattr(servicer, method.name), method.server_streaming),
+            request_deserializer=_lenient(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
 class Replica:
     """One app served over gRPC, plus its registration with the API server."""
 
@@ -515,6 +583,7 @@ class Replica:
             "endpoint": self.endpoint,
             "capabilities": self.app.get_capabilities(),
             "instance": self.instance,
+            "max_in_flight": self.config.max_in_flight,
         }
 
     async def register_and_heartbeat(self) -> None:
@@ -571,7 +640,7 @@ class Replica:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         server = grpc.aio.server(options=options)
-        pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
+        add_servicer(InferenceServicer(self), server)
         address = f"{self.config.host}:{self.config.port}"
         try:
             port = server.add_insecure_port(address)

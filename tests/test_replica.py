@@ -190,3 +190,22 @@ def test_capability_metadata_compares_json_values_as_text(stub_for) -> None:  # 
     ):
         resp = stub.ModelInfer(text_request(""), metadata=[("anyserve-capability", raw)])
         assert output_text(resp) == "flagged"
+
+
+def test_random_bytes_are_invalid_argument_and_the_replica_keeps_serving(procs: Procs) -> None:
+    replica = start_replica(procs, "examples.mvp_demo.stream_app:app")
+    with grpc.insecure_channel(replica.endpoint) as channel:
+        for method in ("ModelInfer", "ServerReady"):
+            raw = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            with pytest.raises(grpc.RpcError) as err:
+                raw(b"\xff\xff\xff\xff garbage \x00\x01", timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed request" in err.value.details()
+        raw_stream = channel.unary_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw_stream(b"\x0a\xff\xff\xff\xff\x0f", timeout=5))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        assert (
+            output_text(stub.ModelInfer(text_request("echo", "still here"))) == "Echo: still here"
+        )

@@ -36,6 +36,14 @@ def _v2_error(description: str) -> dict[str, Any]:
     return _json(_ref("V2Error"), description)
 
 
+def _null(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` or null: the JSON parser treats a null member as an absent one."""
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        return {**schema, "type": [*kinds, "null"]}
+    return {"oneOf": [schema, {"type": "null"}]}
+
+
 _EMPTY = {"description": "true (the body is empty)"}
 _BINARY_SCHEMA = {"type": "string", "format": "binary"}
 
@@ -385,6 +393,24 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
+
+def _lenient(schema: dict[str, Any]) -> dict[str, Any]:
+    """A request schema whose optional members may also be null, as the server reads them."""
+    out = dict(schema)
+    if "properties" in out:
+        required = set(out.get("required", ()))
+        out["properties"] = {
+            name: sub if name in required else _null(_lenient(sub))
+            for name, sub in out["properties"].items()
+        }
+    if isinstance(out.get("items"), dict):
+        out["items"] = _lenient(out["items"])
+    return out
+
+
+for _name in ("Contents", "Tensor", "InferRequest", "V2InferRequest", "Registration"):
+    SCHEMAS[_name] = _lenient(SCHEMAS[_name])
+
 # -- parameters -------------------------------------------------------------------------------
 
 _CAPABILITY_HEADERS = (
@@ -397,22 +423,25 @@ _HEADER_PARAMS = [
         "name": "X-Capability-Type",
         "in": "header",
         "required": False,
-        "description": "the capability's `type` (any other `X-Capability-*` header works alike)",
-        "schema": {"type": "string", "examples": ["chat"]},
+        "description": "the capability's `type`; any other `X-Capability-*` header works alike "
+        "and at least one of them is required (400 otherwise)",
+        "schema": {"type": "string", "minLength": 1, "examples": ["chat"]},
     },
     {
         "name": "X-Capability-Model",
         "in": "header",
         "required": False,
-        "schema": {"type": "string", "examples": ["demo"]},
+        "description": "the capability's `model`",
+        "schema": {"type": "string", "minLength": 1, "examples": ["demo"]},
     },
 ]
 _ID_PARAM = {
     "name": "X-Request-ID",
     "in": "header",
     "required": False,
-    "description": "echoed on the reply; generated when absent",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:@/+=-]{1,128}$"},
+    "description": "echoed on the reply; generated when absent or not 1-128 characters of "
+    "letters, digits and ._:@/+=-",
+    "schema": {"type": "string"},
 }
 _NAME = {
     "name": "name",
@@ -468,6 +497,7 @@ def _v2_model_ops(versioned: bool) -> dict[str, dict[str, Any]]:
                 "parameters": params,
                 "responses": {
                     "200": _json(_ref("V2ModelMetadata"), "the model as the registry knows it"),
+                    "400": _v2_error("malformed headers"),
                     "404": _v2_error("no such model"),
                 },
             }
@@ -479,24 +509,30 @@ def _v2_model_ops(versioned: bool) -> dict[str, dict[str, Any]]:
                 "description": "200 when a replica serves the capability (unary or stream).",
                 "operationId": f"v2ModelReady{'Version' if versioned else ''}",
                 "parameters": params,
-                "responses": {"200": _EMPTY, "404": _v2_error("no replica serves it")},
+                "responses": {
+                    "200": _EMPTY,
+                    "400": _v2_error("malformed headers"),
+                    "404": _v2_error("no replica serves it"),
+                },
             }
         },
         "infer": {
             "post": {
                 "tags": ["KServe v2"],
                 "summary": f"Inference by model {which}",
-                "description": "Routed like /infer/json. With `Inference-Header-Content-Length`"
-                " the body is a JSON header of that many bytes followed by the raw data of the"
-                " inputs with parameters.binary_data_size. " + _CAPABILITY_HEADERS,
+                "description": "Routed like /infer/json. Binary tensor extension: with the "
+                "header `Inference-Header-Content-Length: N` the body is N bytes of JSON "
+                "(V2InferRequest) followed by the raw data of the inputs that have "
+                "parameters.binary_data_size (little-endian; BYTES elements 4-byte "
+                "length-prefixed). Outputs come back in binary when their parameters.binary_data"
+                " is true, else when parameters.binary_data_output is, else when the request "
+                "sent binary data. `Content-Encoding: gzip|deflate` bodies are accepted. "
+                + _CAPABILITY_HEADERS,
                 "operationId": f"v2Infer{'Version' if versioned else ''}",
                 "parameters": [*params, _ID_PARAM],
                 "requestBody": {
                     "required": True,
-                    "content": {
-                        "application/json": {"schema": _ref("V2InferRequest")},
-                        "application/octet-stream": {"schema": _BINARY_SCHEMA},
-                    },
+                    "content": {"application/json": {"schema": _ref("V2InferRequest")}},
                 },
                 "responses": {
                     "200": {
@@ -638,7 +674,8 @@ def _paths() -> dict[str, Any]:
                 "description": _CAPABILITY_HEADERS,
                 "operationId": "inferProtobuf",
                 "parameters": [*_HEADER_PARAMS, _ID_PARAM],
-                "requestBody": {"required": True, "content": protobuf},
+                # An empty body is the serialization of an empty ModelInferRequest.
+                "requestBody": {"required": False, "content": protobuf},
                 "responses": {
                     "200": {"description": "a serialized ModelInferResponse", "content": protobuf},
                     **_infer_errors(),
@@ -679,7 +716,11 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "the event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {"description": "events whose data is InferResponse JSON"}
+                            }
+                        },
                     },
                     **_infer_errors(),
                 },
@@ -712,7 +753,7 @@ def _paths() -> dict[str, Any]:
                     },
                 ],
                 "requestBody": {
-                    "required": True,
+                    "required": False,  # an empty object is an object
                     "content": {"application/octet-stream": {"schema": _BINARY_SCHEMA}},
                 },
                 "responses": {

@@ -212,9 +212,12 @@ def up(
     if dry_run:
         _print_topology(topology)
         return
+    import os
+
     from anyserve.supervisor import run
 
-    tui = sys.stdout.isatty() and not no_tui
+    # A dumb terminal cannot redraw in place: fall back to prefixed lines there.
+    tui = sys.stdout.isatty() and os.environ.get("TERM") != "dumb" and not no_tui
     sys.exit(run(topology, tui=tui, reload=not no_reload))
 
 

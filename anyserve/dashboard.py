@@ -239,7 +239,7 @@ def _lines(title: str, lines: tuple[LogLine, ...], limit: int) -> RenderableType
         rows.append(Text("  (none yet)", style="dim"))
     for line in lines[-limit:] if limit > 0 else ():
         stamp = time.strftime("%H:%M:%S", time.localtime(line.at))
-        style = "red" if line.kind == "error" else ("dim" if line.kind == "lifecycle" else "")
+        style = {"error": "red", "exit": "yellow", "lifecycle": "dim"}.get(line.kind, "")
         # One screen line per log line, so the view does not jump as lines come and go.
         row = Text(no_wrap=True, overflow="ellipsis")
         row.append(f"{stamp} ", style="dim")
@@ -273,6 +273,6 @@ class Dashboard:
             header,
             process_table(s),
             replica_table(s),
-            _lines("Reload events", s.events, self.event_lines),
+            _lines("Events", s.events, self.event_lines),
             _lines("Logs", s.logs, self.log_lines),
         )

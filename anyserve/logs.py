@@ -27,12 +27,13 @@ _COLOURS = (36, 33, 32, 35, 34, 96, 93, 92, 95, 94)
 _RESET = "\x1b[0m"
 _DIM = "\x1b[2m"
 _RED = "\x1b[31m"
+_YELLOW = "\x1b[33m"
 
 
 @dataclass(frozen=True)
 class Event:
     """One thing worth telling: ``kind`` is ``"output"`` (a child's line), ``"lifecycle"``
-    (start, ready, exit, restart), ``"reload"`` or ``"error"``."""
+    (started, ready, stopped), ``"exit"`` (an unexpected exit), ``"reload"`` or ``"error"``."""
 
     kind: str
     name: str
@@ -73,6 +74,8 @@ class Printer:
             prefix = f"\x1b[{colour_of(name)}m{prefix}{_RESET}"
             if kind == "error":
                 text = f"{_RED}{text}{_RESET}"
+            elif kind == "exit":
+                text = f"{_YELLOW}{text}{_RESET}"
             elif kind != "output":
                 text = f"{_DIM}{text}{_RESET}"
         try:

@@ -298,9 +298,7 @@ class Supervisor:
             self._files.write(event)
         line = LogLine(at=event.at, name=event.name, text=event.message, kind=event.kind)
         self.logs.append(line)
-        if event.kind in ("reload", "error") or (
-            event.kind == "lifecycle" and "exit" in event.message
-        ):
+        if event.kind in ("reload", "error", "exit"):
             self.events.append(line)
         self.sink(event)
         self.dirty = True
@@ -563,14 +561,14 @@ class Supervisor:
             proc.restart_now = False
             proc.state = "starting"
             proc.retry_at = now
-            self._say(f"{how}; restarting as asked", proc.name)
+            self._say(f"{how}; restarting as asked", proc.name, kind="exit")
             return
         policy = "always" if proc.kind == API_KIND else self.topology.group(proc.group).restart
         last = proc.stderr_tail[-1].strip() if proc.stderr_tail else ""
         proc.message = f"{how}: {last}" if last else how
         if policy == "never" or (policy == "on-failure" and code == 0):
             proc.state = "stopped"
-            self._say(f"{how}; not restarting (restart = {policy!r})", proc.name)
+            self._say(f"{how}; not restarting (restart = {policy!r})", proc.name, kind="exit")
             return
         if proc.ready_at is not None and now - proc.ready_at >= self.policy.stable_after:
             proc.failures = 0
@@ -586,7 +584,7 @@ class Supervisor:
         self._say(
             f"{label}{how} after {ran:.1f}s; restarting in {delay:.1f}s",
             proc.name,
-            kind="error" if crash_loop else "lifecycle",
+            kind="error" if crash_loop else "exit",
         )
 
     def _flush_lines(self) -> None:

@@ -684,7 +684,7 @@ async def metrics(request: Request) -> Response:
 
 # name, type, help, and the /registry field it reports per replica
 _PER_REPLICA = (
-    ("anyserve_requests_total", "counter", "Requests sent to each replica.", "requests"),
+    ("anyserve_replica_requests_total", "counter", "Requests sent to each replica.", "requests"),
     ("anyserve_errors_total", "counter", "Requests to each replica that failed.", "errors"),
     ("anyserve_in_flight", "gauge", "Requests each replica is serving now.", "in_flight"),
 )
@@ -722,6 +722,58 @@ def _prometheus(gateway: Gateway) -> str:
         "Failed requests since start.",
         [("", totals["errors"])],
     )
+    # Per capability and replica: outcomes (code="ok"|"error"), in flight, latency histograms;
+    # unary requests and streams apart. A series appears with the first request.
+    from anyserve.registry import LATENCY_BUCKETS
+
+    records = gateway.registry.records()
+    serving: dict[str, int] = {}
+    for record in records:
+        for capability in record.capabilities:
+            text = format_query(capability.match_keys)
+            serving[text] = serving.get(text, 0) + 1
+    family(
+        "anyserve_capability_replicas",
+        "gauge",
+        "Registered replicas serving each capability.",
+        [(f'{{capability="{_label(c)}"}}', n) for c, n in serving.items()],
+    )
+    les = [*(f"{b:g}" for b in LATENCY_BUCKETS), "+Inf"]
+    for kind, what in (("requests", "Unary requests"), ("streams", "Streams")):
+        stream = kind == "streams"
+        counts: list[tuple[str, Any]] = []
+        open_now: list[tuple[str, Any]] = []
+        hist: list[tuple[str, Any]] = []
+        for record in records:
+            for cs in record.stats.by_capability.values():
+                if cs.capability.stream != stream:
+                    continue
+                text = format_query(cs.capability.match_keys)
+                base = f'capability="{_label(text)}",replica="{_label(record.replica_id)}"'
+                counts += [
+                    (f'{{{base},code="ok"}}', cs.ok),
+                    (f'{{{base},code="error"}}', cs.errors),
+                ]
+                open_now.append((f"{{{base}}}", cs.in_flight))
+                total = 0
+                for le, n in zip(les, cs.buckets, strict=True):
+                    total += n
+                    hist.append((f'_bucket{{{base},le="{le}"}}', total))
+                hist += [(f"_sum{{{base}}}", round(cs.seconds, 6)), (f"_count{{{base}}}", total)]
+        unit = "stream" if stream else "request"
+        family(f"anyserve_{kind}_total", "counter", f"{what} per capability and replica.", counts)
+        family(
+            "anyserve_streams_open" if stream else "anyserve_requests_in_flight",
+            "gauge",
+            f"{what} in progress per capability and replica.",
+            open_now,
+        )
+        family(
+            f"anyserve_{unit}_duration_seconds",
+            "histogram",
+            f"{what} duration per capability and replica (seconds).",
+            hist,
+        )
     return "\n".join(lines) + "\n"
 
 

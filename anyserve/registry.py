@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from anyserve.errors import AnyServeError, BadRequest, NoMatchingCapability
 
 __all__ = [
     "Capability",
+    "CapabilityStats",
     "Choice",
     "Conflict",
     "Gone",
@@ -37,6 +39,8 @@ __all__ = [
 
 #: How many recent latencies the p50/p99 are computed over.
 LATENCY_WINDOW = 1024
+#: Upper bounds (seconds) of the ``/metrics`` latency histogram buckets; +Inf follows.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 _ID_MAX = 200
 #: How many explicitly unregistered (id, instance) pairs are remembered.
@@ -134,28 +138,66 @@ class Capability:
         return capability_text(self.attrs, self.stream)
 
 
+class CapabilityStats:
+    """Counters of one capability on one replica, for ``/metrics``: outcomes, in flight,
+    and a cumulative-ready latency histogram over :data:`LATENCY_BUCKETS`."""
+
+    __slots__ = ("buckets", "capability", "errors", "in_flight", "ok", "seconds")
+
+    def __init__(self, capability: Capability) -> None:
+        self.capability = capability
+        self.in_flight = 0
+        self.ok = 0
+        self.errors = 0
+        #: Count per bucket (not cumulative); the last one is +Inf.
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.seconds = 0.0
+
+    def finish(self, latency_ms: float, ok: bool) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        if ok:
+            self.ok += 1
+        else:
+            self.errors += 1
+        seconds = latency_ms / 1000
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+
 class ReplicaStats:
     """Load counters of one replica id; they survive re-registration of that id."""
 
-    __slots__ = ("errors", "in_flight", "latencies_ms", "requests")
+    __slots__ = ("by_capability", "errors", "in_flight", "latencies_ms", "requests")
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.requests = 0
         self.errors = 0
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        #: Per capability served, keyed by (its metadata text, stream).
+        self.by_capability: dict[tuple[str, bool], CapabilityStats] = {}
 
-    def begin(self) -> None:
-        """A request was sent to this replica."""
+    def begin(self, capability: Capability | None = None) -> None:
+        """A request was sent to this replica (for ``capability``, when given)."""
         self.in_flight += 1
+        if capability is not None:
+            key = (capability.metadata, capability.stream)
+            stats = self.by_capability.get(key)
+            if stats is None:
+                stats = self.by_capability[key] = CapabilityStats(capability)
+            stats.in_flight += 1
 
-    def finish(self, latency_ms: float, ok: bool) -> None:
+    def finish(self, latency_ms: float, ok: bool, capability: Capability | None = None) -> None:
         """A request sent with :meth:`begin` ended (successfully or not)."""
         self.in_flight = max(0, self.in_flight - 1)
         self.requests += 1
         if not ok:
             self.errors += 1
         self.latencies_ms.append(latency_ms)
+        if capability is not None:
+            stats = self.by_capability.get((capability.metadata, capability.stream))
+            if stats is not None:
+                stats.finish(latency_ms, ok)
 
     def percentile(self, q: float) -> float | None:
         """The ``q`` quantile (0..1) of the recent latencies, or None with no data."""
@@ -394,13 +436,13 @@ class Registry:
 
     def begin(self, choice: Choice) -> None:
         """A request was sent to the chosen replica (it now counts as in flight)."""
-        choice.record.stats.begin()
+        choice.record.stats.begin(choice.capability)
 
     def finish(self, choice: Choice, latency_ms: float, ok: bool) -> None:
         """The request started with :meth:`begin` ended, successfully or not."""
         # The record may have been replaced or evicted meanwhile; its stats object is
         # still the one this request was counted in.
-        choice.record.stats.finish(latency_ms, ok)
+        choice.record.stats.finish(latency_ms, ok, choice.capability)
         self._totals["requests"] += 1
         if not ok:
             self._totals["errors"] += 1

@@ -104,6 +104,8 @@ class ApiServerConfig:
     max_object_size: int = 1024**3
     #: On shutdown, open streams are ended at once; other requests get this long to finish.
     shutdown_timeout: float = 5.0
+    #: Also serve the KServe v2 gRPC service on this port (anyserve.ingress); None: off.
+    grpc_port: int | None = None
 
 
 # --------------------------------------------------------------------------- per-request routing
@@ -1058,6 +1060,12 @@ class ApiServer(RequestLog):
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            config = gateway.config
+            ingress = None
+            if config.grpc_port is not None:
+                from anyserve import ingress as grpc_ingress
+
+                ingress = await grpc_ingress.start(gateway, config.host, config.grpc_port)
             sweeper = asyncio.ensure_future(_evict_forever(gateway))
             try:
                 yield
@@ -1066,6 +1074,8 @@ class ApiServer(RequestLog):
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
                 gateway.streams.end_all()
+                if ingress is not None:
+                    await ingress.stop(config.shutdown_timeout)
                 await gateway.channels.close()
 
         router = Starlette(
@@ -1191,6 +1201,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiServerConfig:
         parser.add_argument(flag, type=kind, default=default, help=f"{help_text} ({default})")
     parser.add_argument(
         "--log-level", default=defaults.log_level, choices=list(_LOG_LEVELS), help="verbosity"
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve KServe v2 gRPC (GRPCInferenceService) on this port (off)",
     )
     return ApiServerConfig(**vars(parser.parse_args(argv)))
 

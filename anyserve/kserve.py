@@ -35,7 +35,7 @@ import functools
 import math
 import struct
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -49,14 +49,17 @@ from anyserve.tensors import DATATYPE_FIELD, dumps, loads, request_from_json, re
 
 if TYPE_CHECKING:
     from anyserve.api_server import Gateway, Routing
+    from anyserve.registry import Capability, Registry
 
 __all__ = [
     "EXTENSIONS",
     "HEADER_LENGTH",
     "decode_request",
     "encode_response",
+    "model_versions",
     "raw_tensor",
     "routes",
+    "serving",
     "split_bytes",
     "with_raw_outputs",
 ]
@@ -478,12 +481,17 @@ def _routing(request: Request, gateway: Gateway) -> Routing:
     return routing
 
 
-def _serving(gateway: Gateway, query: dict[str, str]) -> Iterator[Any]:
+def serving(registry: Registry, query: Mapping[str, str]) -> Iterator[Capability]:
     """Every registered capability (unary or stream) matching ``query``."""
-    for record in gateway.registry.records():
+    for record in registry.records():
         for capability in record.capabilities:
             if capability.matches(query, capability.stream):
                 yield capability
+
+
+def model_versions(capabilities: Iterable[Capability]) -> list[str]:
+    """The ``model`` values of ``capabilities``: a v2 model's versions."""
+    return sorted({c.match_keys["model"] for c in capabilities if "model" in c.match_keys})
 
 
 @_v2
@@ -512,14 +520,13 @@ async def model_metadata(request: Request) -> Response:
     gateway = _gateway(request)
     routing = _routing(request, gateway)
     name, version = _model(request)
-    capabilities = list(_serving(gateway, routing.query))
+    capabilities = list(serving(gateway.registry, routing.query))
     if not capabilities:
         raise NotFound(gateway.registry.describe_miss(routing.query, stream=False))
-    versions = sorted({c.match_keys["model"] for c in capabilities if "model" in c.match_keys})
     return _json(
         {
             "name": name,
-            "versions": [version] if version else versions,
+            "versions": [version] if version else model_versions(capabilities),
             "platform": "anyserve",
             "inputs": [],
             "outputs": [],
@@ -532,7 +539,7 @@ async def model_ready(request: Request) -> Response:
     """``GET /v2/models/{name}[/versions/{version}]/ready``: 200 when a replica serves it."""
     gateway = _gateway(request)
     routing = _routing(request, gateway)
-    if next(_serving(gateway, routing.query), None) is None:
+    if next(serving(gateway.registry, routing.query), None) is None:
         raise NotFound(gateway.registry.describe_miss(routing.query, stream=False))
     return Response(status_code=200)
 

@@ -13,10 +13,12 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
+from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.api_server import ApiServerConfig, create_app
 from anyserve.errors import BadRequest
 from anyserve.kserve import (
@@ -29,7 +31,7 @@ from anyserve.kserve import (
 from anyserve.registry import Registry
 from anyserve.tensors import list_output, make_response, text_output
 
-from .conftest import ApiServer, Procs, start_api_server, start_replica
+from .conftest import ApiServer, Procs, free_port, start_api_server, start_replica
 
 TENSOR_APP = "tests.apps.tensor_app:app"
 
@@ -43,7 +45,12 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     tmp = tmp_path_factory.mktemp("kserve")
     procs = Procs(tmp)
     try:
-        server = start_api_server(procs, extra=["--object-store", str(tmp / "objects")])
+        grpc_port = free_port()
+        server = start_api_server(
+            procs,
+            extra=["--object-store", str(tmp / "objects"), "--grpc-port", str(grpc_port)],
+        )
+        server.grpc_address = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
         for app, rid in [("examples.mvp_demo.chat_app:app", "chat"), (TENSOR_APP, "tensors")]:
             start_replica(
                 procs,
@@ -605,3 +612,88 @@ def test_non_utf8_bytes_in_json_replies_are_base64_items() -> None:
     response.outputs.append(text_output("t", [b"\xff\xfe"]))
     body, _ = encode_response(response, None, "m", "", "")
     assert json.loads(body)["outputs"][0]["data"] == [{"b64": "//4="}]
+
+
+# ---------------------------------------------------------------------- the gRPC ingress
+
+
+@pytest.fixture
+def stub(api: ApiServer) -> Iterator[pbg.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(api.grpc_address) as channel:  # type: ignore[attr-defined]
+        yield pbg.GRPCInferenceServiceStub(channel)
+
+
+def text_request(model: str, version: str = "", text: str = "Hello") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    request.inputs.append(pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES"))
+    request.inputs[0].shape.append(1)
+    request.inputs[0].contents.bytes_contents.append(text.encode())
+    return request
+
+
+def test_grpc_health_and_metadata(stub: pbg.GRPCInferenceServiceStub) -> None:
+    assert stub.ServerLive(pb.ServerLiveRequest()).live
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready
+    meta = stub.ServerMetadata(pb.ServerMetadataRequest())
+    assert (meta.name, "binary_tensor_data" in meta.extensions) == ("anyserve", True)
+    assert stub.ModelReady(pb.ModelReadyRequest(name="chat", version="demo")).ready
+    assert stub.ModelReady(pb.ModelReadyRequest(name="talk")).ready
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="chat", version="nope")).ready
+    assert not stub.ModelReady(pb.ModelReadyRequest()).ready
+    model = stub.ModelMetadata(pb.ModelMetadataRequest(name="echo"))
+    assert (list(model.versions), model.platform) == (["v1", "v2"], "anyserve")
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "type=chat model=demo" in (missing.value.details() or "")
+
+
+def test_grpc_model_infer_routes_by_name_version_and_metadata(
+    stub: pbg.GRPCInferenceServiceStub,
+) -> None:
+    reply, call = stub.ModelInfer.with_call(text_request("chat", "demo"))
+    assert list(reply.outputs[0].contents.bytes_contents) == [b"[Chat Response] You said: Hello"]
+    assert (reply.model_name, reply.model_version) == ("chat", "demo")
+    assert ("x-anyserve-replica", "chat") in call.initial_metadata()
+    # x-capability-* metadata adds keys, as X-Capability-* headers do over HTTP.
+    via_metadata = stub.ModelInfer(
+        text_request("chat"), metadata=(("x-capability-model", "demo"), ("x-request-id", "g-1"))
+    )
+    assert via_metadata.model_version == "demo"
+    with pytest.raises(grpc.RpcError) as wrong:
+        stub.ModelInfer(text_request("chat"), metadata=(("x-capability-model", "nope"),))
+    assert wrong.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_grpc_raw_inputs_get_raw_outputs(stub: pbg.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="echo", model_version="v1")
+    tensor = request.inputs.add(name="x", datatype="INT32")
+    tensor.shape.append(3)
+    request.raw_input_contents.append(struct.pack("<3i", 1, -2, 3))
+    reply = stub.ModelInfer(request)
+    assert list(reply.raw_output_contents) == [struct.pack("<3i", 1, -2, 3)]
+    assert not reply.outputs[0].HasField("contents")
+
+
+def test_grpc_errors(stub: pbg.GRPCInferenceServiceStub) -> None:
+    cases = [
+        (text_request(""), grpc.StatusCode.INVALID_ARGUMENT, "model_name"),
+        (text_request("nope"), grpc.StatusCode.NOT_FOUND, "no replica serves type=nope"),
+        (text_request("boom"), grpc.StatusCode.UNKNOWN, "the model exploded"),
+        (text_request("talk"), grpc.StatusCode.NOT_FOUND, "streaming one matches"),
+    ]
+    for request, code, message in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request)
+        assert caught.value.code() == code
+        assert message in (caught.value.details() or "")
+
+
+def test_grpc_stream_infer(stub: pbg.GRPCInferenceServiceStub) -> None:
+    messages = list(stub.ModelStreamInfer(text_request("talk")))
+    words = [m.infer_response.outputs[0].contents.bytes_contents[0] for m in messages]
+    assert words == [b"a", b"b"]
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.ModelStreamInfer(text_request("chat", "demo")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "a unary one matches" in (caught.value.details() or "")

@@ -39,6 +39,7 @@ def check(address: str) -> dict[str, Any]:
         result = client.infer("chat", [hello()], model_version="demo")
         response = result.get_response()
         output = result.get_output("text_output")
+        as_numpy: list[str] | str
         try:
             as_numpy = [v.decode() for v in result.as_numpy("text_output").tolist()]
         except ValueError as exc:  # numpy 2 refuses tritonclient's copy=False on typed BYTES

@@ -202,9 +202,11 @@ def up(
 ) -> None:
     """Start the API server and every replica group of anyserve.toml, and keep them up.
 
-    Crashed processes restart with backoff; saving a watched file reloads that group one
-    replica at a time; Ctrl-C unregisters and drains the replicas, then stops (exit 130).
-    On a terminal a live dashboard is shown; output is also kept in .anyserve/logs/.
+    Crashed processes restart with backoff. Saving a watched file reloads its group.
+
+    Ctrl-C unregisters and drains the replicas, then stops everything (exit 130).
+
+    On a terminal a live dashboard is shown; all output is kept in .anyserve/logs/.
     """
     from anyserve.topology import load
 

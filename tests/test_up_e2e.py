@@ -8,12 +8,14 @@ fixing it reloads; `scale` adds a replica; Ctrl-C exits 130 and leaves nothing b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -256,7 +258,8 @@ def test_the_demo_topology_serves_the_seed_readme_requests(procs: Procs, tmp_pat
     assert leftovers(str(tmp_path)) == []
 
 
-def test_a_second_ctrl_c_forces(procs: Procs, tmp_path: Path) -> None:
+def test_sigterm_exits_143_and_a_second_signal_forces(procs: Procs, tmp_path: Path) -> None:
+    """SIGTERM starts the graceful stop (exit 143); a Ctrl-C during it kills everything now."""
     write_app(tmp_path)
     topology = write_topology(
         tmp_path,
@@ -268,12 +271,24 @@ def test_a_second_ctrl_c_forces(procs: Procs, tmp_path: Path) -> None:
     )
     up = procs.start(up_args(topology), name="up", cwd=tmp_path)
     wait_until(lambda: registered(api_url(topology), "echo-0-"), timeout=20, what="registered")
+    # A 6 s stream keeps the replica draining (drain_timeout 30) long after SIGTERM.
+    reader = threading.Thread(target=_quietly, args=(stream_tokens, api_url(topology)))
+    reader.start()
+    time.sleep(0.5)
+    up.popen.send_signal(signal.SIGTERM)
+    wait_until(lambda: "SIGTERM received" in up.output(), timeout=5, what="stop begun")
+    time.sleep(0.3)
+    assert up.popen.poll() is None  # still draining
     up.popen.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    up.popen.send_signal(signal.SIGINT)
-    assert up.popen.wait(timeout=5) == 130
+    assert up.popen.wait(timeout=3) == 143
+    reader.join(10)
     assert "second signal: killing everything now" in up.output()
     wait_until(lambda: not leftovers(str(tmp_path)), timeout=3, what="no process left")
+
+
+def _quietly(func: Any, *args: Any) -> None:
+    with contextlib.suppress(Exception):
+        func(*args)
 
 
 def _alive(pid: int) -> bool:

@@ -92,6 +92,8 @@ _STRUCT: dict[str, str] = {
     "FP64": "d",
 }
 _LENGTH = struct.Struct("<I")
+# The catch-all route takes every method, so that a wrong one on a v2 path is answered here.
+_ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 # Parameters that describe the HTTP encoding, not the request: not passed to the handler.
 _TRANSPORT_PARAMS = ("binary_data_size", "binary_data", "binary_data_output")
 
@@ -601,5 +603,5 @@ routes = [
     Route("/v2/models/{name}/infer", infer, methods=["POST"]),
     Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
     # Last: it matches every other path under /v2.
-    Route("/v2/{path:path}", unknown),
+    Route("/v2/{path:path}", unknown, methods=_ANY_METHOD),
 ]

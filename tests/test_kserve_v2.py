@@ -529,6 +529,16 @@ def test_status_codes_of_failures(api: ApiServer) -> None:
     assert "X-Request-Timeout" in timeout.json()["error"]
 
 
+def test_unknown_v2_paths_and_methods_answer_in_the_v2_shape(api: ApiServer) -> None:
+    config = get(api, "/v2/models/chat/config")
+    assert config.status_code == 404
+    assert "model repository" in config.json()["error"]
+    wrong = httpx.delete(api.url + "/v2/models/chat/ready")
+    assert wrong.status_code == 405
+    assert wrong.headers["Allow"] == "GET, HEAD"
+    assert "DELETE is not allowed" in wrong.json()["error"]
+
+
 def test_request_id_is_echoed(api: ApiServer) -> None:
     reply = infer(
         api, "/v2/models/chat/infer", {"inputs": [TEXT]}, headers={"X-Request-ID": "v2-req"}

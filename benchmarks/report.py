@@ -31,12 +31,14 @@ def _busy(figures: dict[str, Any]) -> str:
     )
 
 
-def machine(meta: dict[str, Any]) -> Text:
+def machine(results: dict[str, Any]) -> Text:
+    meta = results["meta"]
     load = meta.get("loadavg_start", [])
     return Text(
         f"{meta.get('cpu_model', '?')} · {meta.get('nproc', '?')} cores · Python "
         f"{meta.get('python', '?')} · load average at start {', '.join(map(str, load))} · "
-        f"anyserve {meta.get('commit', '?')[:12]} · {meta.get('mode', '?')} mode",
+        f"anyserve {meta.get('commit', '?')[:12]} · {meta.get('mode', '?')} mode · "
+        f"log level {results['settings'].get('log_level', '?')}",
         style="dim",
     )
 
@@ -149,6 +151,8 @@ def startup_table(results: dict[str, Any]) -> Table:
         runs = ", ".join(_n(r, 2) for r in reload["runs_s"])
         detail = f"runs {runs}; failed requests {reload['failed_requests']}"
         table.add_row("save → new code answering (median)", _n(reload["median_s"], 2), detail)
+        for reason in reload.get("failures", [])[:2]:
+            table.add_row("  a request failed during a reload", "", reason[:100])
     else:
         table.add_row("save → new code answering", reload["status"], reload.get("reason", "")[:80])
     return table
@@ -233,7 +237,7 @@ def profile_tables(results: dict[str, Any]) -> list[Table]:
 
 
 def render(results: dict[str, Any]) -> RenderableType:
-    parts: list[RenderableType] = [machine(results["meta"])]
+    parts: list[RenderableType] = [machine(results)]
     for build in (unary_table, streaming_table, objects_table, startup_table, ceiling_table):
         parts.append(build(results))
     parts.extend(profile_tables(results))

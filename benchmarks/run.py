@@ -68,6 +68,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also sample the API server with py-spy under /infer/json; stacks go to DIR",
     )
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check")
+    p.add_argument(
+        "--quiet-logs",
+        action="store_true",
+        help="run the API server and replica at log level warning (no line per request)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
@@ -148,13 +153,16 @@ async def _load_sections(
         results["profile"] = await profile.profile(api, replica, settings, profile_dir)
 
 
-def measure(settings: Settings, use_wrk: bool, profile_dir: Path | None) -> dict[str, Any]:
+def measure(
+    settings: Settings, use_wrk: bool, profile_dir: Path | None, quiet_logs: bool
+) -> dict[str, Any]:
     results: dict[str, Any] = {"meta": meta(settings), "settings": _settings_dict(settings)}
+    results["settings"]["log_level"] = "warning" if quiet_logs else "default (info)"
     with Children() as children:
         store_dir = children.dir / "objects"
         settings.progress(f"starting the API server and an echo replica (logs in {children.dir})")
-        api = start_api_server(children, store_dir)
-        replica = start_replica(children, api, store_dir)
+        api = start_api_server(children, store_dir, quiet_logs)
+        replica = start_replica(children, api, store_dir, quiet_logs)
         trivial_port = start_trivial(children)
         run_async(_load_sections(api, replica, trivial_port, settings, results, profile_dir))
         local = storage.local(children.dir, settings)
@@ -199,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
-        results = measure(settings, use_wrk=not args.no_wrk, profile_dir=args.profile)
+        results = measure(settings, not args.no_wrk, args.profile, args.quiet_logs)
     except KeyboardInterrupt:
         print("interrupted; every process started was stopped", file=sys.stderr)
         sys.exit(130)

@@ -195,10 +195,13 @@ class ApiServer:
         return list(httpx.get(self.url + "/registry", timeout=2).json()["replicas"])
 
 
-def start_api_server(children: Children, object_store: Path) -> ApiServer:
+def start_api_server(children: Children, object_store: Path, quiet_logs: bool) -> ApiServer:
+    """By default at its default log level (a line per request), as users run it."""
     port = free_port()
     argv = [PY, "-m", "anyserve.api_server", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--object-store", str(object_store), "--log-level", "warning"]
+    argv += ["--object-store", str(object_store)]
+    if quiet_logs:
+        argv += ["--log-level", "warning"]
     child = children.start("api-server", argv)
     server = ApiServer(child, port)
 
@@ -223,14 +226,18 @@ class Replica:
 DEMO_APP = "examples.mvp_demo.stream_app:app"
 
 
-def start_replica(children: Children, api: ApiServer, object_store: Path) -> Replica:
+def start_replica(
+    children: Children, api: ApiServer, object_store: Path, quiet_logs: bool
+) -> Replica:
     port = free_port()
     replica_id = f"bench-{port}"
     argv = [*anyserve_command(), "replica", DEMO_APP, "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--api-server", api.url, "--replica-id", replica_id]
     argv += ["--object-store", str(object_store)]
     # Per-token delay 0: streaming figures measure AnyServe, not the demo's pacing.
-    env = {"ANYSERVE_DEMO_TOKEN_DELAY": "0", "ANYSERVE_LOG_LEVEL": "WARNING"}
+    env = {"ANYSERVE_DEMO_TOKEN_DELAY": "0"}
+    if quiet_logs:
+        env["ANYSERVE_LOG_LEVEL"] = "WARNING"
     child = children.start("replica", argv, env=env)
 
     def registered() -> bool:

@@ -9,6 +9,7 @@ handler's answer) and polls ``/infer/json`` until the new answer comes back.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import statistics
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from benchmarks.servers import ROOT, Child, Children, anyserve_command, free_port, wait_until
 from benchmarks.settings import Settings
@@ -92,6 +94,20 @@ def _registered(url: str) -> int:
     return int(httpx.get(url + "/registry", timeout=1).json()["total"])
 
 
+def _replicas(child: Child) -> int:
+    """How many replica processes ``anyserve up`` runs now."""
+    try:
+        procs = psutil.Process(child.pid).children(recursive=True)
+    except psutil.Error:
+        return -1
+    count = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if "replica" in proc.cmdline():
+                count += 1
+    return count
+
+
 def _echo(client: httpx.Client, url: str) -> str:
     reply = client.post(
         url + "/infer/json",
@@ -142,6 +158,7 @@ def _reloads(child: Child, work: Path, url: str, settings: Settings) -> dict[str
         return {"status": "unavailable", "reason": f"{ECHO_MARK} not found in stream_app.py"}
     runs: list[float] = []
     failures = 0
+    reasons: list[str] = []
     with httpx.Client() as client:
         for n in range(1, settings.reloads + 1):
             wanted = f"Echo v{n}: hi"
@@ -152,8 +169,11 @@ def _reloads(child: Child, work: Path, url: str, settings: Settings) -> dict[str
                 try:
                     if _echo(client, url) == wanted:
                         break
-                except (RuntimeError, httpx.HTTPError):
-                    failures += 1  # a reload should never fail a request
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    failures += 1  # a reload should never fail a request (SPEC §7)
+                    reason = f"reload {n}: {type(exc).__name__}: {exc}"[:300]
+                    if len(reasons) < 5 and reason not in reasons:
+                        reasons.append(reason)
                 if time.perf_counter() > deadline:
                     return {
                         "status": "failed",
@@ -162,13 +182,17 @@ def _reloads(child: Child, work: Path, url: str, settings: Settings) -> dict[str
                 time.sleep(0.01)
             runs.append(time.perf_counter() - t0)
             settings.progress(f"reload {n}: new code answering after {runs[-1]:.2f} s")
-            # Let the old replica drain and leave before the next save.
+            # Let the old replica leave and exit before the next save, so that each figure
+            # is one reload and not the tail of the previous one.
             wait_until(
-                lambda: _registered(url) == len(GROUPS), RELOAD_TIMEOUT, "the old replica to leave"
+                lambda: _registered(url) == len(GROUPS) and _replicas(child) == len(GROUPS),
+                RELOAD_TIMEOUT,
+                "the old replica to exit",
             )
     return {
         "status": "ok",
         "median_s": round(statistics.median(runs), 3),
         "runs_s": [round(r, 3) for r in runs],
         "failed_requests": failures,
+        "failures": reasons,
     }

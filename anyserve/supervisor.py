@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,6 @@ class Reload:
     phase: str = "next"
     deadline: float = 0.0
     again: bool = False
-    done: list[str] = field(default_factory=list)
 
 
 class _Reply:
@@ -679,7 +678,6 @@ class Supervisor:
                 else:
                     old.restart_now = True
                     old.child.kill()
-                op.done.append(old.name)
                 return
             fixed = group.port_for(slot)
             # The old process holds the fixed port, so the new one bridges on a free port;
@@ -715,6 +713,7 @@ class Supervisor:
                     cand.child.kill()
                     cand.child.wait(2.0)
                     cand.stderr_tail = tuple(cand.child.stderr_tail)
+                    self._by_child.pop(cand.child.pid, None)
                     cand.child = None
                 if cand in self.procs:
                     self.procs.remove(cand)
@@ -742,7 +741,6 @@ class Supervisor:
                 return
             cand = op.candidate
             assert cand is not None
-            op.done.append(cand.name)
             fixed = group.port_for(cand.slot)
             if fixed is None or cand.port == fixed:
                 op.slots.pop(0)

@@ -32,11 +32,6 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 # --------------------------------------------------------------------------- replica
 
 
@@ -1117,7 +1112,10 @@ def main(argv: list[str] | None = None) -> None:
     if args and not args[0].startswith("-") and ":" in args[0] and args[0] not in _commands():
         args.insert(0, "replica")
     try:
-        app(args=args, prog_name="anyserve", standalone_mode=False)
+        # Without standalone mode click returns a typer.Exit's code instead of exiting.
+        code = app(args=args, prog_name="anyserve", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

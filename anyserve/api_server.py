@@ -13,15 +13,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +60,17 @@ from anyserve.errors import (
     Unavailable,
     UpstreamError,
 )
-from anyserve.registry import Choice, Registry, format_query
+from anyserve.registry import (
+    MAX_QUEUE,
+    Choice,
+    Overloaded,
+    RateLimiter,
+    Registry,
+    ReplicaRecord,
+    Saturated,
+    TooManyRegistrations,
+    format_query,
+)
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -63,25 +83,76 @@ log = logging.getLogger("anyserve.api_server")
 
 #: Requests may be delegated this many times; one more is a loop (508).
 MAX_DELEGATION_DEPTH = 3
+#: Largest request body on the HTTP routes (413 beyond it), and so the gRPC message size:
+#: a 64 MiB tensor is a large model input, and the limit bounds what one request can make
+#: the API server hold in memory.
+MAX_BODY_SIZE = 64 * 1024 * 1024
+#: What a message may add to its body on the way to gRPC (field tags, names, parameters).
+MESSAGE_SLACK = 64 * 1024
 #: gRPC message limit both ways; the replica uses the same.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+MAX_MESSAGE_BYTES = MAX_BODY_SIZE + MESSAGE_SLACK
+#: Bodies of /register, /heartbeat and /unregister: a registration is a few kilobytes.
+MAX_CONTROL_BODY = 1024 * 1024
 #: How often leases are checked; well below any sensible TTL.
 EVICT_EVERY = 0.5
 #: Bytes per read when streaming an object out.
 DOWNLOAD_CHUNK = 256 * 1024
 
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # gRPC's default backoff grows to 120 s; a replica restarted on the same port must be
-    # reachable again within a second.
-    # (min_reconnect_backoff_ms stays at its default: gRPC also uses it as the connect
-    # timeout, and 100 ms fails first connections on a busy machine.)
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    # Our own "try the next replica" is the retry policy; gRPC's would hide which one failed.
-    ("grpc.enable_retries", 0),
-]
+#: Health checks: every replica is asked ServerReady this often, and fails the check if it
+#: does not answer in time. A stopped or blocked replica leaves rotation within the sum
+#: (1.5 s), and an answer takes well under a millisecond, so 0.5 s is no false alarm.
+HEALTH_EVERY = 1.0
+HEALTH_TIMEOUT = 0.5
+
+#: Failover: a request whose replica could not be reached, or broke the connection before
+#: answering, is sent once more to another, after a random pause of up to ``RETRY_BASE``
+#: (doubling per retry up to ``RETRY_CAP``); Envoy's defaults for its retry back-off.
+RETRY_BASE = 0.025
+RETRY_CAP = 0.25
+#: The retry budget: retries in progress may be this share of the active requests (Envoy's
+#: retry budget, 20 %), and at least ``RETRY_MIN`` (Envoy's min_retry_concurrency), so that
+#: one request alone may still retry. When most requests fail, retrying them all would
+#: double the load on whatever is left.
+RETRY_BUDGET = 0.2
+RETRY_MIN = 3
+
+#: A request head (request line and headers) must arrive within this many seconds of the
+#: connection or the first byte of the request; a client that trickles it (slowloris) is
+#: disconnected. 10 s is far beyond any real client and frees a held connection soon.
+HEADER_TIMEOUT = 10.0
+#: A request body may pause this long between two reads before the connection is closed
+#: (nginx's client_body_timeout idea; half its default, as bodies here come from programs).
+BODY_TIMEOUT = 30.0
+#: A stream that sends nothing for this long is ended with an error event and cancelled
+#: (nginx's proxy_read_timeout default): a generation that stalls a minute is stuck.
+STREAM_IDLE_TIMEOUT = 60.0
+#: Requests waiting for a replica slot give up after this long (503 with Retry-After): past
+#: a few seconds a client is better told to come back than kept waiting.
+QUEUE_TIMEOUT = 5.0
+#: Registrations per client address: a token bucket refilled at this rate, with this burst.
+#: A replica registers once and then heartbeats, so 20/s (40 at once) is ample even for
+#: `anyserve up` starting many replicas on one host, and bounds what a flood can do.
+REGISTER_RATE = 20.0
+REGISTER_BURST = 40
+
+
+def channel_options(max_message: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    """Options of every channel to a replica, for messages up to ``max_message`` bytes."""
+    return [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+        # gRPC's default backoff grows to 120 s; a replica restarted on the same port must be
+        # reachable again within a second.
+        # (min_reconnect_backoff_ms stays at its default: gRPC also uses it as the connect
+        # timeout, and 100 ms fails first connections on a busy machine.)
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        # Our own "try another replica" is the retry policy; gRPC's would hide which failed.
+        ("grpc.enable_retries", 0),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _CAPABILITY_PREFIX = "x-capability-"
@@ -106,6 +177,27 @@ class ApiServerConfig:
     shutdown_timeout: float = 5.0
     #: Also serve the KServe v2 gRPC service on this port (anyserve.ingress); None: off.
     grpc_port: int | None = None
+    #: Largest request body of the infer routes (bytes); gRPC messages follow it.
+    max_body_size: int = MAX_BODY_SIZE
+    #: Requests that may wait for a free replica, per capability asked for.
+    max_queue: int = MAX_QUEUE
+    #: Seconds a request may wait for a free replica before a 503.
+    queue_timeout: float = QUEUE_TIMEOUT
+    #: Seconds a stream may go without a message before it is ended.
+    stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
+    #: Seconds for a request head to arrive; seconds a request body may pause.
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    #: The bearer token registration and object writes require (all routes with
+    #: ``auth="all"``); None: no token, and only replicas on this machine may register.
+    token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
+    #: ``"writes"``: the token guards registration and object writes; ``"all"``: every route.
+    auth: str = "writes"
+    #: Most replicas registered at once.
+    max_replicas: int = 1024
+    #: Registrations a second per client address, and the burst allowed.
+    register_rate: float = REGISTER_RATE
+    register_burst: int = REGISTER_BURST
 
 
 # --------------------------------------------------------------------------- per-request routing
@@ -120,6 +212,9 @@ class Routing:
     timeout: float
     visited: list[str]
     depth: int
+    #: Whether the client set the timeout (X-Request-Timeout): only then does a stream have
+    #: a deadline; otherwise it runs as long as it keeps sending (see the idle timeout).
+    timeout_given: bool = False
 
     @classmethod
     def from_request(
@@ -175,6 +270,7 @@ class Routing:
             timeout=timeout,
             visited=visited,
             depth=depth,
+            timeout_given=raw_timeout is not None,
         )
 
     def metadata(self, choice: Choice) -> tuple[tuple[str, str], ...]:
@@ -197,11 +293,35 @@ def _routing_headers(choice: Choice) -> dict[str, str]:
     }
 
 
+# How gRPC words UNAVAILABLE when the transport failed (no connection, or the connection
+# broke: the process died or was killed). A replica's own UNAVAILABLE (a handler or its
+# delegation saying so) has other text and is neither retried nor a reason to eject.
+_TRANSPORT_FAILURES = (
+    "failed to connect",
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "connection aborted",
+    "goaway",
+    "stream removed",
+    "end of tcp stream",
+    "recvmsg",
+    "sendmsg",
+    "keepalive",
+)
+
+
+def _transport_failure(exc: grpc.aio.AioRpcError) -> bool:
+    """True when the replica could not be reached or dropped the connection."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (exc.details() or "").lower()
+    return any(marker in details for marker in _TRANSPORT_FAILURES)
+
+
 def _not_sent(exc: grpc.aio.AioRpcError) -> bool:
-    """True when the call failed before reaching the replica, so another may take it."""
-    # gRPC reports a connection that could not be made as UNAVAILABLE "failed to connect
-    # to all addresses"; a connection lost mid-call says "Socket closed" or similar, and
-    # then the handler may have run, so it is not retried.
+    """True when the call failed before reaching the replica (no connection was made)."""
     return exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (
         exc.details() or ""
     )
@@ -249,15 +369,18 @@ class Channels:
     requests still running on it (a replica being drained in a rolling reload) finish.
     """
 
-    def __init__(self, close_grace: float) -> None:
+    def __init__(
+        self, close_grace: float, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS
+    ) -> None:
         self._close_grace = close_grace
+        self._options = list(options)
         self._stubs: dict[str, tuple[grpc.aio.Channel, pbg.GRPCInferenceServiceStub]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def stub(self, endpoint: str) -> pbg.GRPCInferenceServiceStub:
         entry = self._stubs.get(endpoint)
         if entry is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(endpoint, options=self._options)
             entry = (channel, pbg.GRPCInferenceServiceStub(channel))
             self._stubs[endpoint] = entry
         return entry[1]
@@ -289,9 +412,19 @@ class OpenStream:
         self.call = call
         self.choice = choice
         self.shutting_down = False
+        #: Why the API server itself ended the stream (shutdown, idle), told to the client.
+        self.ended_by: AnyServeError | None = None
+        #: ``time.monotonic()`` of the last message (or of the start): the idle timeout's.
+        self.last_message = time.monotonic()
         self._gateway = gateway
         self._started = time.perf_counter()
         self._finished = False
+
+    def end(self, reason: AnyServeError) -> None:
+        """Cancel the call on the API server's behalf; the client is told ``reason``."""
+        if self.ended_by is None:
+            self.ended_by = reason
+        self.call.cancel()
 
     def finish(self, ok: bool) -> None:
         """Cancel the call and settle the counters; only the first call counts."""
@@ -306,7 +439,7 @@ class OpenStream:
 
 
 class Streams:
-    """The streams being relayed, so that shutdown can end them at once."""
+    """The streams being relayed, so that shutdown and the idle timeout can end them."""
 
     def __init__(self) -> None:
         self._open: set[OpenStream] = set()
@@ -321,8 +454,26 @@ class Streams:
         """Cancel every open stream's gRPC call; each ends with an error event."""
         for stream in list(self._open):
             stream.shutting_down = True
-            stream.call.cancel()
+            stream.end(_SHUTTING_DOWN)
         return len(self._open)
+
+    def end_idle(self, idle_timeout: float) -> int:
+        """End every stream that has sent nothing for ``idle_timeout`` seconds."""
+        cutoff = time.monotonic() - idle_timeout
+        idle = [s for s in self._open if s.last_message < cutoff and s.ended_by is None]
+        for stream in idle:
+            log.warning(
+                "ending a stream from replica %s: no message for %gs",
+                stream.choice.replica_id,
+                idle_timeout,
+            )
+            stream.end(
+                DeadlineExceeded(
+                    f"replica {stream.choice.replica_id} sent nothing for {idle_timeout:g}s; "
+                    "the stream was ended (the API server's --stream-idle-timeout)"
+                )
+            )
+        return len(idle)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -359,11 +510,25 @@ class Gateway:
     def __init__(self, config: ApiServerConfig, registry: Registry | None = None) -> None:
         self.config = config
         if registry is None:  # (an empty registry is falsy: it has a length)
-            registry = Registry(config.lease_ttl, config.heartbeat_interval)
+            registry = Registry(
+                config.lease_ttl,
+                config.heartbeat_interval,
+                max_replicas=config.max_replicas,
+                max_queue=config.max_queue,
+                # Without a token anyone who reaches the API server could register: only
+                # replicas on this machine may, so requests go nowhere else.
+                loopback_only=not config.token,
+            )
         self.registry = registry
-        self.channels = Channels(close_grace=config.request_timeout)
+        self.channels = Channels(
+            close_grace=config.request_timeout,
+            options=channel_options(config.max_body_size + MESSAGE_SLACK),
+        )
         self.streams = Streams()
+        self.registrations = RateLimiter(config.register_rate, config.register_burst)
         self.started = time.time()
+        #: Retries in progress (the retry budget's numerator).
+        self.retrying = 0
         self._store: ObjectStore | None = None
 
     # Registry changes ---------------------------------------------------------------
@@ -378,35 +543,110 @@ class Gateway:
                 self.config.lease_ttl,
             )
         self.channels.retain(self.registry.endpoints())
+        # Ejections that ran out free slots that waiting requests may take.
+        self.registry.dispatch()
 
-    # Unary -----------------------------------------------------------------------------
+    def admit_registration(self, client: str) -> None:
+        """Take a registration token for ``client``; :class:`TooManyRegistrations` if none."""
+        wait = self.registrations.take(client)
+        if wait:
+            raise TooManyRegistrations(
+                f"too many registrations from {client}: at most "
+                f"{self.config.register_rate:g} a second (bursts of "
+                f"{self.config.register_burst}); retry in {wait:.2f}s",
+                retry_after=wait,
+            )
 
-    async def infer(
-        self, request: pb.ModelInferRequest, routing: Routing
-    ) -> tuple[pb.ModelInferResponse, Choice]:
-        """Send ``request`` to the least-loaded matching replica; its reply and the choice.
+    # Health ----------------------------------------------------------------------------
 
-        A replica that cannot be connected to is skipped once in favour of the next one.
-        """
-        exclude = list(routing.visited)
-        while True:
-            choice = self.registry.choose(routing.query, stream=False, exclude=exclude)
-            stub = self.channels.stub(choice.endpoint)
-            self.registry.begin(choice)
-            started = time.perf_counter()
-            ok = False
-            try:
-                reply = await stub.ModelInfer(
-                    request, metadata=routing.metadata(choice), timeout=routing.timeout
+    async def check_health(self) -> None:
+        """Ask every registered replica ``ServerReady`` once, all at the same time."""
+        records = self.registry.records()
+        if records:
+            await asyncio.gather(*(self._check(record) for record in records))
+
+    async def _check(self, record: ReplicaRecord) -> None:
+        since = self.registry.now()
+        stats = record.stats
+        answered = stats.requests - stats.errors
+        problem: str | None = None
+        try:
+            stub = self.channels.stub(record.endpoint)
+            reply = await stub.ServerReady(_READY_REQUEST, timeout=HEALTH_TIMEOUT)
+            if not reply.ready:
+                problem = "it says it is not ready (starting or shutting down)"
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # A replica that completed requests meanwhile is busy, not stuck.
+                if stats.requests - stats.errors > answered:
+                    return
+                problem = f"no answer to ServerReady within {HEALTH_TIMEOUT:g}s"
+            else:
+                problem = f"ServerReady failed: {exc.code().name}: {(exc.details() or '')[:200]}"
+        except Exception as exc:  # a bug here must not stop the other checks
+            problem = f"health check failed: {exc!r}"
+        if self.registry.set_health(record, problem is None, problem, since):
+            if problem is None:
+                log.info("replica %s at %s is back in rotation", record.replica_id, record.endpoint)
+            else:
+                log.warning(
+                    "replica %s at %s out of rotation: %s",
+                    record.replica_id,
+                    record.endpoint,
+                    problem,
                 )
-                ok = True
-                return reply, choice
-            except grpc.aio.AioRpcError as exc:
-                if self._retry(exc, choice, routing, exclude, stream=False):
-                    continue
-                raise _translate(exc, choice, routing.timeout) from None
-            finally:
-                self.registry.finish(choice, (time.perf_counter() - started) * 1000, ok)
+
+    # Choosing a replica ------------------------------------------------------------------
+
+    async def _wait(
+        self, routing: Routing, stream: bool, exclude: list[str], deadline: float
+    ) -> Choice:
+        """Wait in the queue for a slot on a matching replica (every one is at its limit).
+
+        :class:`Overloaded` (503) when the queue is full or the queue timeout passes first,
+        :class:`DeadlineExceeded` (504) when the request's own deadline does.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Choice] = loop.create_future()
+
+        def deliver(choice: Choice) -> bool:
+            if future.done():
+                return False
+            future.set_result(choice)
+            return True
+
+        waiter = self.registry.enqueue(routing.query, stream, exclude, deliver)
+        left = deadline - time.perf_counter()
+        wait = min(self.config.queue_timeout, left)
+        what = format_query(routing.query)
+        error: AnyServeError = (
+            Overloaded(
+                f"every replica serving {what} stayed at its limit for "
+                f"{self.config.queue_timeout:g}s (the queue timeout); retry later, or add replicas"
+            )
+            if wait < left
+            else DeadlineExceeded(
+                f"no replica serving {what} was free within the request's {routing.timeout:g}s "
+                "(X-Request-Timeout)"
+            )
+        )
+
+        def expire() -> None:
+            if not future.done():
+                self.registry.dequeue(waiter)
+                future.set_exception(error)
+
+        timer = loop.call_later(max(0.0, wait), expire)
+        try:
+            return await future
+        except BaseException:
+            # Handed a slot, but cancelled before taking it (the client went away): give it back.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.registry.release(future.result())
+            raise
+        finally:
+            timer.cancel()
+            self.registry.dequeue(waiter)
 
     def _retry(
         self,
@@ -416,8 +656,28 @@ class Gateway:
         exclude: list[str],
         stream: bool,
     ) -> bool:
-        """Whether to try another replica after ``exc`` (at most once per request)."""
-        if not _not_sent(exc) or len(exclude) > len(routing.visited):
+        """Whether to send the request to another replica after ``exc`` (at most once).
+
+        Only a transport failure qualifies: the replica could not be reached, or dropped the
+        connection before answering. That replica is ejected either way. ``exclude`` gets
+        its id when the answer is yes. A retry needs another candidate and room in the
+        retry budget.
+        """
+        if not _transport_failure(exc):
+            return False
+        self._eject(choice, exc)
+        if len(exclude) > len(routing.visited):
+            return False  # this request was retried already
+        budget = max(RETRY_MIN, RETRY_BUDGET * self.registry.active)
+        if self.retrying >= budget:
+            log.warning(
+                "request %s: replica %s at %s failed; not retried, %d retries are in progress "
+                "already (the retry budget)",
+                routing.request_id,
+                choice.replica_id,
+                choice.endpoint,
+                self.retrying,
+            )
             return False
         exclude.append(choice.replica_id)
         if not self.registry.candidates(routing.query, stream, exclude):
@@ -430,6 +690,76 @@ class Gateway:
         )
         return True
 
+    def _eject(self, choice: Choice, exc: grpc.aio.AioRpcError) -> None:
+        """Take a replica whose connection failed out of rotation (see Registry.eject)."""
+        problem = f"{exc.code().name}: {(exc.details() or '')[:200]}"
+        period = self.registry.eject(choice.record, problem)
+        if period is not None:
+            log.warning(
+                "replica %s at %s out of rotation for %gs: %s",
+                choice.replica_id,
+                choice.endpoint,
+                period,
+                problem,
+            )
+
+    @staticmethod
+    async def _back_off(routing: Routing, deadline: float, exc: grpc.aio.AioRpcError) -> None:
+        """The jittered pause before a retry; the error itself if the deadline is too near."""
+        pause = random.uniform(0.0, min(RETRY_CAP, RETRY_BASE))
+        if time.perf_counter() + pause >= deadline:
+            raise DeadlineExceeded(
+                f"replica failed ({exc.code().name}: {exc.details()}) and no time was left "
+                f"in the request's {routing.timeout:g}s to try another"
+            )
+        await asyncio.sleep(pause)
+
+    # Unary -----------------------------------------------------------------------------
+
+    async def infer(
+        self, request: pb.ModelInferRequest, routing: Routing
+    ) -> tuple[pb.ModelInferResponse, Choice]:
+        """Send ``request`` to the least-loaded usable matching replica; its reply and the choice.
+
+        When every such replica is at its limit the request waits for a slot (bounded queue,
+        queue timeout). A replica that cannot be reached, or that drops the connection
+        before answering, is ejected and the request goes once to another; the request's
+        deadline covers the wait, every attempt and the pause between them.
+        """
+        started = time.perf_counter()
+        deadline = started + routing.timeout
+        exclude = routing.visited
+        retried = False
+        try:
+            while True:
+                try:
+                    choice = self.registry.acquire(routing.query, False, exclude)
+                except Saturated:
+                    choice = await self._wait(routing, False, exclude, deadline)
+                stub = self.channels.stub(choice.endpoint)
+                sent = time.perf_counter()
+                ok = False
+                try:
+                    reply = await stub.ModelInfer(
+                        request, metadata=routing.metadata(choice), timeout=deadline - sent
+                    )
+                    ok = True
+                    return reply, choice
+                except grpc.aio.AioRpcError as exc:
+                    if not retried:
+                        exclude = [*exclude]
+                    if retried or not self._retry(exc, choice, routing, exclude, stream=False):
+                        raise _translate(exc, choice, routing.timeout) from None
+                    failure = exc
+                finally:
+                    self.registry.finish(choice, (time.perf_counter() - sent) * 1000, ok)
+                retried = True
+                self.retrying += 1
+                await self._back_off(routing, deadline, failure)
+        finally:
+            if retried:
+                self.retrying -= 1
+
     # Streaming -----------------------------------------------------------------------
 
     async def open_stream(
@@ -438,43 +768,62 @@ class Gateway:
         routing: Routing,
         client_gone: Callable[[], Awaitable[None]],
     ) -> EventStreamResponse:
-        """Start a stream on the least-loaded matching replica; the SSE response relaying it.
+        """Start a stream on the least-loaded usable matching replica; the SSE response.
 
         The first message is awaited here, so that a replica or handler that fails before
-        sending anything is an HTTP error status rather than a 200 carrying an error event.
+        sending anything is an HTTP error status rather than a 200 carrying an error event;
+        a replica that cannot be reached is replaced once, as for unary requests. Once a
+        message was relayed the stream is never replayed: a failure is an error event.
         ``client_gone`` returns when the HTTP client disconnects: the stream is then
-        cancelled even though no reply has started yet.
+        cancelled even though no reply has started yet. A stream has a deadline only when
+        the client sent X-Request-Timeout; otherwise the idle timeout bounds it.
         """
-        exclude = list(routing.visited)
-        while True:
-            choice = self.registry.choose(routing.query, stream=True, exclude=exclude)
-            stub = self.channels.stub(choice.endpoint)
-            self.registry.begin(choice)
-            call = stub.ModelStreamInfer(
-                request, metadata=routing.metadata(choice), timeout=routing.timeout
-            )
-            stream = OpenStream(call, choice, self)
-            self.streams.add(stream)
-            try:
-                first = await _first_message(call, client_gone)
-            except grpc.aio.AioRpcError as exc:
-                stream.finish(ok=False)
-                if self._retry(exc, choice, routing, exclude, stream=True):
+        timeout = routing.timeout if routing.timeout_given else None
+        deadline = time.perf_counter() + timeout if timeout is not None else math.inf
+        exclude = routing.visited
+        retried = False
+        try:
+            while True:
+                try:
+                    choice = self.registry.acquire(routing.query, True, exclude)
+                except Saturated:
+                    choice = await self._wait(routing, True, exclude, deadline)
+                stub = self.channels.stub(choice.endpoint)
+                left = None if timeout is None else deadline - time.perf_counter()
+                call = stub.ModelStreamInfer(
+                    request, metadata=routing.metadata(choice), timeout=left
+                )
+                stream = OpenStream(call, choice, self)
+                self.streams.add(stream)
+                try:
+                    first = await _first_message(call, client_gone)
+                except grpc.aio.AioRpcError as exc:
+                    stream.finish(ok=False)
+                    if not retried:
+                        exclude = [*exclude]
+                    if retried or not self._retry(exc, choice, routing, exclude, stream=True):
+                        raise _translate(exc, choice, routing.timeout) from None
+                    retried = True
+                    self.retrying += 1
+                    await self._back_off(routing, deadline, exc)
                     continue
-                raise _translate(exc, choice, routing.timeout) from None
-            except asyncio.CancelledError:
-                stream.finish(ok=True)
-                if stream.shutting_down and not _task_cancelling():
-                    raise _SHUTTING_DOWN from None
-                raise
-            except BaseException:
-                stream.finish(ok=False)
-                raise
-            if first is not grpc.aio.EOF and first.error_message:
-                # The handler failed before producing anything: say so with a status.
-                stream.finish(ok=False)
-                raise HandlerError(first.error_message)
-            return EventStreamResponse(self._events(stream, first, routing), stream)
+                except asyncio.CancelledError:
+                    stream.finish(ok=stream.ended_by is None or stream.shutting_down)
+                    if stream.ended_by is not None and not _task_cancelling():
+                        raise stream.ended_by from None
+                    raise
+                except BaseException:
+                    stream.finish(ok=False)
+                    raise
+                if first is not grpc.aio.EOF and first.error_message:
+                    # The handler failed before producing anything: say so with a status.
+                    stream.finish(ok=False)
+                    raise HandlerError(first.error_message)
+                stream.last_message = time.monotonic()
+                return EventStreamResponse(self._events(stream, first, routing), stream)
+        finally:
+            if retried:
+                self.retrying -= 1
 
     async def _events(
         self, stream: OpenStream, first: Any, routing: Routing
@@ -490,15 +839,21 @@ class Gateway:
                     ok = False
                 yield _sse(stream_event_to_json(message))
                 message = await stream.call.read()
+                stream.last_message = time.monotonic()
         except grpc.aio.AioRpcError as exc:
             ok = stream.shutting_down
-            error = _SHUTTING_DOWN if ok else _translate(exc, stream.choice, routing.timeout)
-            yield _sse_error(error)
+            if stream.ended_by is not None:
+                yield _sse_error(stream.ended_by)
+            else:
+                if _transport_failure(exc):
+                    self._eject(stream.choice, exc)
+                yield _sse_error(_translate(exc, stream.choice, routing.timeout))
         except asyncio.CancelledError:
             # Either the client went away (Starlette cancels this generator: nobody is left
-            # to tell) or shutdown cancelled the call (tell the client, then end).
-            if stream.shutting_down and not _task_cancelling():
-                yield _sse_error(_SHUTTING_DOWN)
+            # to tell) or the API server ended the call (tell the client, then end).
+            if stream.ended_by is not None and not _task_cancelling():
+                ok = stream.shutting_down
+                yield _sse_error(stream.ended_by)
                 return
             raise
         finally:
@@ -513,6 +868,9 @@ class Gateway:
 
             self._store = await run_in_threadpool(ObjectStore, self.config.object_store)
         return self._store
+
+
+_READY_REQUEST = pb.ServerReadyRequest()
 
 
 _SHUTTING_DOWN = Unavailable("the API server is shutting down; retry the request")
@@ -604,8 +962,13 @@ async def health(request: Request) -> Response:
 
 
 async def register(request: Request) -> Response:
-    """``POST /register``: add or replace a replica's record (docs/protocol.md)."""
+    """``POST /register``: add or replace a replica's record (docs/protocol.md).
+
+    Rate-limited per client address (429 with Retry-After), refused when the registry is
+    full (507) or, without a token, for an endpoint not on this machine (403).
+    """
     gateway = _gateway(request)
+    gateway.admit_registration(_client(request))
     record = gateway.registry.register(await _json_body(request))
     gateway.channels.retain(gateway.registry.endpoints())
     log.info(
@@ -620,7 +983,10 @@ async def register(request: Request) -> Response:
 async def heartbeat(request: Request) -> Response:
     """``POST /heartbeat``: renew a lease; an unknown id registers again (see Registry)."""
     gateway = _gateway(request)
-    record, registered = gateway.registry.heartbeat(await _json_body(request))
+    body = await _json_body(request)
+    if not (isinstance(body, dict) and gateway.registry.known(body.get("replica_id"))):
+        gateway.admit_registration(_client(request))  # it registers: rate-limited alike
+    record, registered = gateway.registry.heartbeat(body)
     if registered:
         gateway.channels.retain(gateway.registry.endpoints())
         log.info(
@@ -641,6 +1007,10 @@ async def unregister(request: Request) -> Response:
     gateway.channels.retain(gateway.registry.endpoints())
     log.info("unregistered replica %s at %s", record.replica_id, record.endpoint)
     return _json({"success": True, "replica_id": record.replica_id})
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
 
 
 def _lease_reply(gateway: Gateway, replica_id: str) -> dict[str, Any]:
@@ -955,12 +1325,138 @@ ROUTES = [
 async def error_response(request: Request, exc: Exception) -> Response:
     """The one place an exception becomes an HTTP reply: ``{"detail": message}``."""
     if isinstance(exc, AnyServeError):
-        return _json({"detail": exc.message}, status=exc.status)
+        return _json({"detail": exc.message}, status=exc.status, headers=error_headers(exc))
     if isinstance(exc, HTTPException):  # Starlette's own: unknown route, wrong method
         return _json({"detail": exc.detail}, status=exc.status_code, headers=exc.headers)
+    if isinstance(exc, ClientDisconnect):
+        # The client left (or was disconnected for a stalled body): nobody reads this.
+        return Response(status_code=ClientGone.status)
     # Anything else is a bug: the traceback goes to the log (RequestLog), not to the client.
     request_id = getattr(request.state, "request_id", "?")
     return _json({"detail": f"internal error (request id {request_id})"}, status=500)
+
+
+def error_headers(exc: AnyServeError) -> dict[str, str] | None:
+    """The headers an error's reply carries: when to retry, how to authenticate."""
+    retry_after: float | None = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        # Retry-After is whole seconds; rounding down to 0 would invite an immediate retry.
+        return {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    if exc.status == 401:
+        return {"WWW-Authenticate": _CHALLENGE}
+    if exc.status == 413:
+        # The rest of the body is not wanted; reading it to keep the connection is waste.
+        return {"Connection": "close"}
+    return None
+
+
+_CHALLENGE = 'Bearer realm="anyserve"'
+
+
+def _error_reply(
+    path: str, status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    """An error answered before routing, in the shape of the route it was meant for."""
+    key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
+    return _json({key: message}, status=status, headers=headers)
+
+
+# --------------------------------------------------------------------------- admission
+
+# Always open, even with ``auth = "all"``: liveness probes carry no credentials, and these
+# say nothing but "the process answers".
+_OPEN_PATHS = frozenset({"/health", "/v2/health/live"})
+# Registration; a token-holder is the only one who may change where requests go.
+_CONTROL_PATHS = frozenset({"/register", "/heartbeat", "/unregister"})
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class Guard:
+    """What a request must pass before any route sees it: the bearer token and body size.
+
+    Both are checked from the request head, so a refused client is answered without
+    reading its body; a body with no (or a false) Content-Length is counted as it is read.
+    """
+
+    def __init__(self, config: ApiServerConfig) -> None:
+        self._token = config.token.encode() if config.token else None
+        self._all = config.auth == "all"
+        self._max_body = config.max_body_size
+
+    def needs_token(self, method: str, path: str) -> bool:
+        """Whether ``method path`` requires the bearer token (when one is configured)."""
+        if self._all:
+            return path not in _OPEN_PATHS
+        if path in _CONTROL_PATHS:
+            return True
+        # Object writes: POST /objects and DELETE /objects/{key}.
+        return method not in _READS and (path == "/objects" or path.startswith("/objects/"))
+
+    def body_limit(self, method: str, path: str) -> int | None:
+        """The largest body ``method path`` may send; None for no limit here."""
+        if method in _READS or path == "/objects":
+            return None  # uploads have their own limit (--max-object-size), checked as written
+        return MAX_CONTROL_BODY if path in _CONTROL_PATHS else self._max_body
+
+    def screen(
+        self, scope: Scope, length: bytes | None, authorization: bytes | None
+    ) -> Response | None:
+        """The reply refusing this request (401, 413), or None to let it through."""
+        method, path = scope["method"], scope["path"]
+        if self._token is not None and self.needs_token(method, path):
+            presented = _bearer(authorization)
+            # compare_digest: the time taken says nothing about how much of a guess was right.
+            if presented is None or not hmac.compare_digest(presented, self._token):
+                wrong = presented is not None
+                message = (
+                    "the bearer token is not this API server's"
+                    if wrong
+                    else f"{method} {path} needs the API server's token: send "
+                    "'Authorization: Bearer <token>' (ANYSERVE_TOKEN)"
+                )
+                challenge = _CHALLENGE + (', error="invalid_token"' if wrong else "")
+                return _error_reply(path, 401, message, {"WWW-Authenticate": challenge})
+        if length is not None:
+            limit = self.body_limit(method, path)
+            if limit is not None and length.isdigit() and int(length) > limit:
+                return _error_reply(
+                    path,
+                    413,
+                    f"the request body is {int(length)} bytes; the limit is {limit} bytes",
+                    {"Connection": "close"},
+                )
+        return None
+
+    def limit(self, scope: Scope, receive: Receive) -> Receive:
+        """``receive``, counting the body against its limit (:class:`PayloadTooLarge`)."""
+        limit = self.body_limit(scope["method"], scope["path"])
+        if limit is None:
+            return receive
+        seen = 0
+
+        async def receive_counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            body = message.get("body")
+            if body:
+                seen += len(body)
+                if seen > limit:
+                    raise PayloadTooLarge(
+                        f"the request body is over the limit of {limit} bytes "
+                        "(the API server's --max-body-size)"
+                    )
+            return message
+
+        return receive_counted
+
+
+def _bearer(authorization: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
 
 
 # --------------------------------------------------------------------------- request log
@@ -971,11 +1467,13 @@ class RequestLog:
 
     The id is the client's ``X-Request-ID`` when it is sane, else a new one; it is echoed
     on every reply. An unexpected exception is logged here once, with its traceback and
-    the request id, after the error handler has answered 500.
+    the request id, after the error handler has answered 500. With a :class:`Guard`, the
+    request must pass it first; and every 503 says when to retry (``Retry-After``).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, guard: Guard | None = None) -> None:
         self.app = app
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -983,7 +1481,7 @@ class RequestLog:
             return
         started = time.perf_counter()
         state: dict[str, Any] = scope.setdefault("state", {})
-        request_id = _request_id(scope)
+        request_id, length, authorization = _scan_headers(scope)
         state["request_id"] = request_id
         status = 0
 
@@ -991,15 +1489,22 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if status == 503 and not any(k.lower() == b"retry-after" for k, _ in headers):
+                    headers.append((b"retry-after", b"1"))
+                message["headers"] = headers
             await send(message)
 
         failure: BaseException | None = None
         try:
-            await self.app(scope, receive, send_with_id)
+            guard = self.guard
+            refused = guard.screen(scope, length, authorization) if guard is not None else None
+            if refused is not None:
+                await refused(scope, receive, send_with_id)
+            else:
+                if guard is not None:
+                    receive = guard.limit(scope, receive)
+                await self.app(scope, receive, send_with_id)
         except Exception as exc:  # already answered 500 by the error handler
             failure = exc
         finally:
@@ -1007,14 +1512,19 @@ class RequestLog:
             _log_request(scope, state, status or 500, ms, failure)
 
 
-def _request_id(scope: Scope) -> str:
+def _scan_headers(scope: Scope) -> tuple[str, bytes | None, bytes | None]:
+    """One pass over the headers: the request id, Content-Length and Authorization."""
+    request_id = length = authorization = None
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
-            text = value.decode("latin-1").strip()
-            if _REQUEST_ID.fullmatch(text):
-                return text
-            break
-    return secrets.token_hex(8)
+            if request_id is None:
+                text = value.decode("latin-1").strip()
+                request_id = text if _REQUEST_ID.fullmatch(text) else ""
+        elif name == b"content-length":
+            length = value
+        elif name == b"authorization":
+            authorization = value
+    return request_id or secrets.token_hex(8), length, authorization
 
 
 # Routes polled all the time (or logged by their route function already).
@@ -1067,12 +1577,14 @@ class ApiServer(RequestLog):
 
                 ingress = await grpc_ingress.start(gateway, config.host, config.grpc_port)
             sweeper = asyncio.ensure_future(_evict_forever(gateway))
+            checker = asyncio.ensure_future(_check_health_forever(gateway))
             try:
                 yield
             finally:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                for task in (sweeper, checker):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 gateway.streams.end_all()
                 if ingress is not None:
                     await ingress.stop(config.shutdown_timeout)
@@ -1084,30 +1596,139 @@ class ApiServer(RequestLog):
             exception_handlers={
                 AnyServeError: error_response,
                 HTTPException: error_response,
+                ClientDisconnect: error_response,
                 Exception: error_response,
             },
             lifespan=lifespan,
         )
         router.state.gateway = gateway
-        super().__init__(router)
+        super().__init__(router, Guard(gateway.config))
 
 
 async def _evict_forever(gateway: Gateway) -> None:
+    """Expire leases and end idle streams, twice a second."""
     while True:
         await asyncio.sleep(EVICT_EVERY)
         try:
             gateway.forget_gone()
+            gateway.streams.end_idle(gateway.config.stream_idle_timeout)
         except Exception:  # never let a bug stop eviction
             log.exception("lease sweep failed")
+
+
+async def _check_health_forever(gateway: Gateway) -> None:
+    """Health-check every replica each ``HEALTH_EVERY`` seconds, on a fixed beat."""
+    loop = asyncio.get_running_loop()
+    beat = loop.time()
+    while True:
+        # A fixed beat, not a pause after each round, so that a round of timeouts does not
+        # stretch the interval: a stuck replica is found within HEALTH_EVERY + HEALTH_TIMEOUT.
+        beat = max(beat + HEALTH_EVERY, loop.time())
+        await asyncio.sleep(beat - loop.time())
+        try:
+            await gateway.check_health()
+        except Exception:  # never let a bug stop health checks
+            log.exception("health check round failed")
+
+
+def _protocol_class() -> type[Any]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11), noting for the slow
+    client sweep (:func:`close_slow_clients`) when data arrived and a request head began."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools is optional: uvicorn falls back to h11 the same way
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class Protocol(Base):
+        """An HTTP connection whose head and body progress the sweep can judge."""
+
+        #: ``time.monotonic()`` of the last bytes received.
+        last_data = 0.0
+        #: When the request head being waited for began (connection, or its first byte),
+        #: and the finished cycle it follows (None: the connection's first request).
+        head_since = 0.0
+        head_after: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.head_since = self.last_data = time.monotonic()
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            now = self.last_data = time.monotonic()
+            cycle = self.cycle
+            if cycle is not None and cycle.response_complete and self.head_after is not cycle:
+                # The first bytes of the next request on a kept-alive connection.
+                self.head_after = cycle
+                self.head_since = now
+            super().data_received(data)
+
+    return Protocol
+
+
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+def close_slow_clients(
+    connections: Iterable[Any], header_timeout: float, body_timeout: float
+) -> int:
+    """Close connections whose request head is late or whose body stalled; how many.
+
+    A connection waits for a head from its start (or from the first byte after a finished
+    request; an idle kept-alive connection is uvicorn's to close) and must have it within
+    ``header_timeout``. A body being received may pause at most ``body_timeout`` between
+    reads, unless the server itself paused reading. The client gets a 408 if no response
+    has started; the route reading the body sees a disconnect.
+    """
+    now = time.monotonic()
+    closed = 0
+    for conn in list(connections):
+        transport = getattr(conn, "transport", None)
+        if transport is None or transport.is_closing():
+            continue
+        cycle = conn.cycle
+        if cycle is None or cycle.response_complete:
+            started = cycle is None or conn.head_after is cycle
+            late = started and now - conn.head_since > header_timeout
+            what = f"the request head did not arrive within {header_timeout:g}s"
+        else:
+            late = (
+                cycle.more_body
+                and not conn.flow.read_paused
+                and not getattr(cycle, "waiting_for_100_continue", False)
+                and now - conn.last_data > body_timeout
+            )
+            what = f"the request body stalled for over {body_timeout:g}s"
+        if not late:
+            continue
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            body = b'{"detail": "%s; the connection is closed"}' % what.encode()
+            transport.write(_REQUEST_TIMEOUT % (len(body), body))
+        transport.close()
+        closed += 1
+        client = getattr(conn, "client", None)
+        log.warning("closed a connection from %s: %s", client[0] if client else "?", what)
+    return closed
 
 
 def _server_class() -> type[Any]:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn, but open SSE streams are ended before waiting for connections to close."""
+        """uvicorn, but open SSE streams are ended before waiting for connections to close,
+        and slow clients are disconnected (uvicorn has no request head deadline)."""
 
         gateway: Gateway
+
+        async def on_tick(self, counter: int) -> bool:
+            if counter % 10 == 0:  # ticks are 0.1 s apart
+                config = self.gateway.config
+                close_slow_clients(
+                    self.server_state.connections, config.header_timeout, config.body_timeout
+                )
+            return bool(await super().on_tick(counter))
 
         async def shutdown(self, sockets: Any = None) -> None:
             ended = self.gateway.streams.end_all()
@@ -1133,7 +1754,7 @@ def run(config: ApiServerConfig) -> None:
         host=config.host,
         port=config.port,
         loop="auto",
-        http="auto",
+        http=_protocol_class(),
         lifespan="on",
         access_log=False,  # RequestLog writes one line per request with its id
         log_config=None,  # keep the logging set up above
@@ -1143,12 +1764,15 @@ def run(config: ApiServerConfig) -> None:
     server = _server_class()(uv_config)
     server.gateway = app.gateway
     log.info(
-        "API server on http://%s:%d (lease %gs, heartbeat %gs, objects in %s)",
+        "API server on http://%s:%d (lease %gs, heartbeat %gs, objects in %s; %s)",
         config.host,
         config.port,
         config.lease_ttl,
         config.heartbeat_interval,
         config.object_store,
+        f"token required for {'every route' if config.auth == 'all' else 'registration and writes'}"
+        if config.token
+        else "no token: only replicas on this machine may register",
     )
     server.run()
     if not server.started:
@@ -1181,6 +1805,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number: {text!r}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> ApiServerConfig:
     """The command line of ``python -m anyserve.api_server``."""
     defaults = ApiServerConfig()
@@ -1194,11 +1828,32 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiServerConfig:
         ("--lease-ttl", _positive, "seconds without a heartbeat before a replica is evicted"),
         ("--heartbeat-interval", _positive, "seconds between heartbeats, told to replicas"),
         ("--object-store", Path, "object store directory served at /objects"),
-        ("--request-timeout", _positive, "default request deadline (X-Request-Timeout)"),
+        ("--request-timeout", _positive, "default unary deadline (X-Request-Timeout)"),
         ("--max-object-size", parse_size, "largest upload to POST /objects, e.g. 500M, 2G"),
+        ("--max-body-size", parse_size, "largest request body of the other routes (413)"),
+        ("--max-queue", _whole, "requests that may wait for a busy capability"),
+        ("--queue-timeout", _positive, "seconds a request may wait for a free replica"),
+        ("--stream-idle-timeout", _positive, "seconds a stream may send nothing"),
+        ("--header-timeout", _positive, "seconds for a request head to arrive"),
+        ("--body-timeout", _positive, "seconds a request body may pause"),
+        ("--max-replicas", _whole, "replicas the registry holds at most"),
+        ("--register-rate", _positive, "registrations a second per client address"),
+        ("--register-burst", _whole, "registrations at once per client address"),
     ):
         default = getattr(defaults, flag[2:].replace("-", "_"))
         parser.add_argument(flag, type=kind, default=default, help=f"{help_text} ({default})")
+    parser.add_argument(
+        "--token",
+        default=defaults.token,
+        help="bearer token for registration and object writes (default: $ANYSERVE_TOKEN; "
+        "prefer the variable: a command line is visible to other users)",
+    )
+    parser.add_argument(
+        "--auth",
+        default=defaults.auth,
+        choices=["writes", "all"],
+        help="what the token guards: registration and object writes, or every route",
+    )
     parser.add_argument(
         "--log-level", default=defaults.log_level, choices=list(_LOG_LEVELS), help="verbosity"
     )

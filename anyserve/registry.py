@@ -9,31 +9,57 @@ Matching follows docs/protocol.md: a query is a dict of lowercased keys; a capab
 matches when every key is present with an equal value compared as text (booleans as
 ``true``/``false``). The ``stream`` key is not an attribute: it separates capabilities
 reachable only through ``/infer/stream`` from the unary ones.
+
+Which matching replica takes a request (:meth:`Registry.choose`): one that is healthy
+(answers the API server's health checks), not ejected (passive ejection after a failed
+connection, see :meth:`Registry.eject`) and below its ``max_in_flight``; among those the
+least loaded, ties in turn. When every usable one is at its limit the request waits in a
+bounded queue per query (:meth:`Registry.enqueue`) and is handed the first slot that frees
+on a replica it may use, oldest first.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import json
+import re
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from anyserve.errors import AnyServeError, BadRequest, NoMatchingCapability
+from anyserve.errors import (
+    AnyServeError,
+    BadRequest,
+    NoMatchingCapability,
+    RateLimited,
+    Unavailable,
+)
 
 __all__ = [
     "Capability",
     "CapabilityStats",
     "Choice",
     "Conflict",
+    "Forbidden",
     "Gone",
+    "NoHealthyReplica",
+    "Overloaded",
+    "RateLimiter",
     "Registry",
+    "RegistryFull",
     "ReplicaRecord",
     "ReplicaStats",
+    "Saturated",
+    "TooManyRegistrations",
+    "Waiter",
     "capability_text",
     "format_query",
+    "is_loopback",
+    "parse_endpoint",
     "value_text",
 ]
 
@@ -48,6 +74,30 @@ _TOMBSTONES = 4096
 # Printable ASCII except space, ',' and '='.
 _ID_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - {",", "="}
 
+#: A replica's ``max_in_flight`` when its registration does not say: replica.py's default
+#: for ``--max-in-flight``. Enough concurrency to keep a model busy, few enough that excess
+#: requests wait in the API server's queue, where they can be shed, not inside the replica.
+DEFAULT_MAX_IN_FLIGHT = 8
+#: The largest ``max_in_flight`` a registration may claim; beyond it the limit means nothing.
+MAX_IN_FLIGHT_LIMIT = 4096
+#: Passive ejection: a replica that fails a connection is out of rotation for this long,
+#: doubled for each further failure in a row, up to ``EJECT_MAX`` (the shape of Envoy's outlier
+#: detection). 1 s is short enough for a replica restarted on the same port to be back at
+#: once; 30 s is Envoy's base ejection time, a fair price for a replica that keeps failing.
+EJECT_BASE = 1.0
+EJECT_MAX = 30.0
+#: Registered replicas at most. Each costs a gRPC channel and a health check a second; a
+#: registry larger than any real deployment means a runaway or hostile registrant.
+MAX_REPLICAS = 1024
+#: Requests that may wait for a free replica, per query. Enough to ride out a burst of a few
+#: times the replicas' concurrency; beyond it waiting only adds latency, so they are shed.
+MAX_QUEUE = 64
+#: Waiting requests in all queues together: queues are keyed by what clients ask for, so
+#: their number is bounded only by this.
+MAX_WAITING = 4096
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
 
 class Conflict(AnyServeError):
     """Another process owns this replica id (a different ``instance``)."""
@@ -59,6 +109,88 @@ class Gone(AnyServeError):
     """A heartbeat from a replica process that was explicitly unregistered."""
 
     status = 410
+
+
+class Forbidden(AnyServeError):
+    """A registration the API server's policy does not allow (a non-loopback endpoint
+    without a token)."""
+
+    status = 403
+
+
+class RegistryFull(AnyServeError):
+    """The registry holds its maximum number of replicas."""
+
+    status = 507
+
+
+class TooManyRegistrations(RateLimited):
+    """A client registers faster than its token bucket allows."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        #: Seconds until the client may try again (the ``Retry-After`` header).
+        self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    """Every usable replica is at its limit and the queue is full, or the wait ran out."""
+
+    #: Seconds a client should wait before retrying (the ``Retry-After`` header).
+    retry_after: float = 1.0
+
+
+class Saturated(Overloaded):
+    """Raised by :meth:`Registry.choose` when every usable replica is at its limit: the
+    caller may wait for a slot (:meth:`Registry.enqueue`) or answer 503 as it is."""
+
+
+class NoHealthyReplica(Unavailable):
+    """Replicas match, but every one of them is ejected or failing its health checks."""
+
+    retry_after: float = 1.0
+
+
+def parse_endpoint(endpoint: Any) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``; :class:`BadRequest` unless it is a plain host name,
+    IPv4 address or ``[IPv6]`` address and a port in 1-65535 (no gRPC target schemes)."""
+    if not isinstance(endpoint, str) or not 3 <= len(endpoint) <= 270:
+        raise BadRequest(f"'endpoint' must be 'host:port', got {endpoint!r}")
+    host, _, port = endpoint.rpartition(":")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise BadRequest(f"'endpoint' {endpoint!r} needs a port from 1 to 65535 after the last ':'")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise BadRequest(f"'endpoint' {endpoint!r}: {host} is not an IPv6 address") from None
+        return host, int(port)
+    labels = host.removesuffix(".").split(".")
+    numeric = all(label.isdigit() for label in labels)
+    if numeric:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise BadRequest(f"'endpoint' {endpoint!r}: {host} is not an IPv4 address") from None
+    elif len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise BadRequest(
+            f"'endpoint' {endpoint!r}: {host!r} is not a host name or address "
+            "(write IPv6 addresses in brackets: [::1]:50051)"
+        )
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as :func:`parse_endpoint` returns it) names this machine only."""
+    name = host.strip("[]").lower().removesuffix(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False  # a host name: where it points is not known without resolving it
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def value_text(value: Any) -> str:
@@ -199,6 +331,14 @@ class ReplicaStats:
             if stats is not None:
                 stats.finish(latency_ms, ok)
 
+    def release(self, capability: Capability | None = None) -> None:
+        """Undo a :meth:`begin` for a request that was never sent (it gave up its slot)."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if capability is not None:
+            stats = self.by_capability.get((capability.metadata, capability.stream))
+            if stats is not None:
+                stats.in_flight = max(0, stats.in_flight - 1)
+
     def percentile(self, q: float) -> float | None:
         """The ``q`` quantile (0..1) of the recent latencies, or None with no data."""
         if not self.latencies_ms:
@@ -220,6 +360,22 @@ class ReplicaRecord:
     last_heartbeat: float  # wall clock, for people
     renewed: float  # ``clock`` time of the last registration or heartbeat; the lease runs from it
     stats: ReplicaStats = field(default_factory=ReplicaStats)
+    #: Requests the API server may have in flight on it at once (from its registration).
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    #: False while it fails the API server's health checks; out of rotation meanwhile.
+    healthy: bool = True
+    #: ``clock`` time until which it is out of rotation after a failure (passive ejection),
+    #: and when that ejection started.
+    ejected_until: float = 0.0
+    ejected_at: float = 0.0
+    #: Ejections in a row with no successful request between them; doubles the next period.
+    ejections: int = 0
+    #: Why it is (or last was) out of rotation, shown in ``/registry``.
+    problem: str | None = None
+
+    def usable(self, now: float) -> bool:
+        """Healthy and not ejected at ``clock`` time ``now``."""
+        return self.healthy and self.ejected_until <= now
 
 
 @dataclass(frozen=True)
@@ -240,11 +396,71 @@ class Choice:
         return self.record.endpoint
 
 
+class Waiter:
+    """A request waiting for a free replica; ``deliver`` hands it a :class:`Choice` whose
+    slot is already taken, and returns False if the request no longer wants it."""
+
+    __slots__ = ("deliver", "exclude", "key", "query", "queued", "seq", "stream")
+
+    def __init__(
+        self,
+        key: tuple[tuple[tuple[str, str], ...], bool],
+        query: Mapping[str, str],
+        stream: bool,
+        exclude: Collection[str],
+        deliver: Callable[[Choice], bool],
+        seq: int,
+    ) -> None:
+        self.key = key
+        self.query = query
+        self.stream = stream
+        self.exclude = exclude
+        self.deliver = deliver
+        self.seq = seq
+        self.queued = True
+
+
+class RateLimiter:
+    """Token buckets per key (a client address): ``rate`` tokens a second, at most ``burst``.
+
+    Pure arithmetic on the ``clock`` passed in. At most ``max_keys`` buckets are kept; the
+    least recently used is forgotten first (it comes back full, as a new client would).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 4096,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """Take a token for ``key``: 0.0 when allowed, else the seconds until one is there."""
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self._max_keys:
+            del self._buckets[next(iter(self._buckets))]
+        return 0.0 if allowed else (1.0 - tokens) / self.rate
+
+
 class Registry:
     """Registered replicas with leases, matching, and per-replica load counters.
 
-    ``clock`` measures leases (monotonic by default so a wall-clock jump evicts no one);
-    ``wall`` stamps ``registered_at`` / ``last_heartbeat`` for display.
+    ``clock`` measures leases, ejections and waits (monotonic by default so a wall-clock
+    jump evicts no one); ``wall`` stamps ``registered_at`` / ``last_heartbeat`` for display.
+    ``loopback_only`` refuses endpoints that are not on this machine (the API server sets it
+    when it has no token: anyone who can reach it could register).
     """
 
     def __init__(
@@ -253,37 +469,62 @@ class Registry:
         heartbeat_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        *,
+        max_replicas: int = MAX_REPLICAS,
+        max_queue: int = MAX_QUEUE,
+        loopback_only: bool = False,
     ) -> None:
         if lease_ttl <= 0 or heartbeat_interval <= 0:
             raise ValueError("lease_ttl and heartbeat_interval must be positive")
         self.lease_ttl = lease_ttl
         self.heartbeat_interval = heartbeat_interval
+        self.max_replicas = max_replicas
+        self.max_queue = max_queue
+        self.loopback_only = loopback_only
         self._clock = clock
         self._wall = wall
         self._records: dict[str, ReplicaRecord] = {}
         # Totals over every request since start, including replicas that have left.
         self._totals = {"requests": 0, "errors": 0}
+        # Requests in flight on every replica together (the retry budget is a share of it).
+        self._in_flight = 0
         # Replica processes unregistered on purpose (a drain before a reload, `registry rm`):
         # their heartbeats must not bring them back. Only explicit registration does.
         self._unregistered: dict[tuple[str, str | None], None] = {}
         # Round-robin position per (query, stream): spreads ties evenly and deterministically.
         self._turns: dict[tuple[tuple[tuple[str, str], ...], bool], int] = {}
+        # Requests waiting for a free replica, one FIFO per (query, stream); empty ones removed.
+        self._queues: dict[tuple[tuple[tuple[str, str], ...], bool], deque[Waiter]] = {}
+        self._waiting = 0
+        self._max_waiting = max(MAX_WAITING, max_queue)
+        self._seq = itertools.count()
 
     # ------------------------------------------------------------------ membership
 
     def register(self, body: Any) -> ReplicaRecord:
         """Add or replace a replica from a ``/register`` body; all-or-nothing.
 
-        Raises :class:`BadRequest` for a malformed body (and changes nothing).
+        Raises :class:`BadRequest` for a malformed body, :class:`Forbidden` for an endpoint
+        the policy refuses and :class:`RegistryFull` for a new id when the registry is full
+        (and changes nothing).
         """
-        replica_id, endpoint, capabilities, instance = self._parse(body)
+        replica_id, endpoint, capabilities, instance, max_in_flight = self._parse(body)
         now, wall = self._clock(), self._wall()
         previous = self._records.get(replica_id)
+        if previous is None and self.max_replicas <= sum(
+            1 for r in self._records.values() if not self._expired(r, now)
+        ):
+            raise RegistryFull(
+                f"the registry is full ({self.max_replicas} replicas); replica {replica_id!r} "
+                "was not registered. Unregister replicas that are gone, or start the API server "
+                "with a larger --max-replicas"
+            )
         # Counters survive a re-registration of the same id (a restarted replica, a
         # heartbeat after an API server hiccup): history stays, and requests still in
         # flight to the old record are still accounted for when they finish.
         stats = previous.stats if previous is not None else ReplicaStats()
         self._unregistered.pop((replica_id, instance), None)
+        # A new record starts healthy and not ejected: a restarted replica is routable at once.
         record = ReplicaRecord(
             replica_id=replica_id,
             endpoint=endpoint,
@@ -293,8 +534,10 @@ class Registry:
             last_heartbeat=wall,
             renewed=now,
             stats=stats,
+            max_in_flight=max_in_flight,
         )
         self._records[replica_id] = record
+        self._dispatch(record)
         return record
 
     def heartbeat(self, body: Any) -> tuple[ReplicaRecord, bool]:
@@ -306,7 +549,7 @@ class Registry:
         only an explicit ``register`` brings it back. A heartbeat from another
         ``instance`` than the record's raises :class:`Conflict`.
         """
-        replica_id, endpoint, capabilities, instance = self._parse(body)
+        replica_id, endpoint, capabilities, instance, max_in_flight = self._parse(body)
         record = self._records.get(replica_id)
         if record is None or self._expired(record, self._clock()):
             if (replica_id, instance) in self._unregistered:
@@ -321,7 +564,15 @@ class Registry:
         # A heartbeat carries the full registration, so it also refreshes what changed.
         record.endpoint = endpoint
         record.capabilities = capabilities
+        if record.max_in_flight != max_in_flight:
+            record.max_in_flight = max_in_flight
+            self._dispatch(record)
         return record, False
+
+    def known(self, replica_id: Any) -> bool:
+        """Whether ``replica_id`` has a live record (a heartbeat for it only renews it)."""
+        record = self._records.get(replica_id) if isinstance(replica_id, str) else None
+        return record is not None and not self._expired(record, self._clock())
 
     def unregister(self, replica_id: Any, instance: Any = None) -> ReplicaRecord | None:
         """Remove a record if ``instance`` is its owner (or omitted); None if unknown.
@@ -353,6 +604,10 @@ class Registry:
     def get(self, replica_id: str) -> ReplicaRecord | None:
         return self._records.get(replica_id)
 
+    def now(self) -> float:
+        """The registry's ``clock`` (health checks say when they started in its time)."""
+        return self._clock()
+
     def records(self) -> list[ReplicaRecord]:
         """Live records in registration order."""
         now = self._clock()
@@ -365,6 +620,63 @@ class Registry:
     def __len__(self) -> int:
         return len(self.records())
 
+    # ------------------------------------------------------------------ health
+
+    def eject(self, record: ReplicaRecord, problem: str) -> float | None:
+        """Take ``record`` out of rotation after a failed connection (passive ejection).
+
+        Returns the seconds it is out for: ``EJECT_BASE`` doubled for every ejection in a
+        row, capped at ``EJECT_MAX``. Returns None, and ejects nothing, when it is already
+        out, no longer registered, or when ejecting it would leave fewer than half of the
+        replicas of one of its capabilities in rotation: a failure that hits them all is
+        more likely the network's or the API server's own, and a replica tried is better
+        than none.
+        """
+        now = self._clock()
+        if self._records.get(record.replica_id) is not record or record.ejected_until > now:
+            return None
+        for capability in record.capabilities:
+            peers = [
+                r
+                for r in self._records.values()
+                if not self._expired(r, now) and capability in r.capabilities
+            ]
+            out = sum(1 for r in peers if r.ejected_until > now)
+            if out + 1 > len(peers) // 2:
+                return None
+        period = min(EJECT_MAX, EJECT_BASE * 2 ** min(record.ejections, 16))
+        record.ejections += 1
+        record.ejected_at = now
+        record.ejected_until = now + period
+        record.problem = problem
+        return period
+
+    def set_health(
+        self, record: ReplicaRecord, healthy: bool, problem: str | None = None, since: float = 0.0
+    ) -> bool:
+        """Record a health check of ``record`` that started at ``clock`` time ``since``.
+
+        A failed check takes it out of rotation until a check passes. A passed check also
+        ends a passive ejection that began before the check did (as Envoy does with active
+        health checking): a replica restarted on the same port is routable again at once.
+        Returns True when this changed whether the replica is in rotation.
+        """
+        if self._records.get(record.replica_id) is not record:
+            return False
+        now = self._clock()
+        before = record.usable(now)
+        if healthy:
+            record.healthy = True
+            if record.ejected_until > now and record.ejected_at < since:
+                record.ejected_until = 0.0
+        else:
+            record.healthy = False
+            record.problem = problem
+        after = record.usable(now)
+        if after and not before:
+            self._dispatch(record)
+        return after != before
+
     # ------------------------------------------------------------------ routing
 
     def candidates(
@@ -373,31 +685,37 @@ class Registry:
         """Live replicas with a capability matching ``query``, with that capability.
 
         When a replica has several matching capabilities the most specific one (fewest
-        attributes, then declaration order) is the one its handler is chosen by.
+        attributes, then declaration order) is the one its handler is chosen by. Health
+        and load are not considered here; :meth:`choose` does.
         """
         excluded = set(exclude)
         found = []
         for record in self.records():
             if record.replica_id in excluded:
                 continue
-            matching = [c for c in record.capabilities if c.matches(query, stream)]
-            if matching:
-                found.append((record, min(matching, key=lambda c: len(c.attrs))))
+            capability = _most_specific(record, query, stream)
+            if capability is not None:
+                found.append((record, capability))
         return found
 
     def choose(
-        self, query: Mapping[str, str], stream: bool = False, exclude: Iterable[str] = ()
+        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
     ) -> Choice:
-        """Pick the least-loaded matching replica, ties in turn.
+        """Pick the least-loaded usable matching replica below its limit, ties in turn.
 
-        Raises :class:`NoMatchingCapability` with a message listing what exists.
+        Raises :class:`NoMatchingCapability` (404) with a message listing what exists,
+        :class:`NoHealthyReplica` (503) when every match is ejected or unhealthy, and
+        :class:`Saturated` (503) when every usable match is at its ``max_in_flight``.
         """
-        excluded = list(exclude)
-        found = self.candidates(query, stream, excluded)
+        found = self.candidates(query, stream, exclude)
         if not found:
-            raise NoMatchingCapability(self.describe_miss(query, stream, excluded))
-        least = min(r.stats.in_flight for r, _ in found)
-        ties = [(r, c) for r, c in found if r.stats.in_flight == least]
+            raise NoMatchingCapability(self.describe_miss(query, stream, exclude))
+        now = self._clock()
+        ready = [(r, c) for r, c in found if r.usable(now) and r.stats.in_flight < r.max_in_flight]
+        if not ready:
+            raise self._why_busy(query, stream, found, now)
+        least = min(r.stats.in_flight for r, _ in ready)
+        ties = [(r, c) for r, c in ready if r.stats.in_flight == least]
         turn_key = (tuple(sorted(query.items())), stream)
         turn = self._turns.get(turn_key, 0)
         self._turns[turn_key] = turn + 1
@@ -409,6 +727,14 @@ class Registry:
             capability=capability,
             candidates=tuple((r.replica_id, r.stats.in_flight) for r, _ in found),
         )
+
+    def acquire(
+        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
+    ) -> Choice:
+        """:meth:`choose`, and count the request in flight on the chosen replica."""
+        choice = self.choose(query, stream, exclude)
+        self.begin(choice)
+        return choice
 
     def describe_miss(
         self, query: Mapping[str, str], stream: bool, exclude: Iterable[str] = ()
@@ -437,15 +763,147 @@ class Registry:
     def begin(self, choice: Choice) -> None:
         """A request was sent to the chosen replica (it now counts as in flight)."""
         choice.record.stats.begin(choice.capability)
+        self._in_flight += 1
 
     def finish(self, choice: Choice, latency_ms: float, ok: bool) -> None:
         """The request started with :meth:`begin` ended, successfully or not."""
         # The record may have been replaced or evicted meanwhile; its stats object is
         # still the one this request was counted in.
-        choice.record.stats.finish(latency_ms, ok, choice.capability)
+        record = choice.record
+        record.stats.finish(latency_ms, ok, choice.capability)
+        self._in_flight -= 1
         self._totals["requests"] += 1
         if not ok:
             self._totals["errors"] += 1
+        elif record.ejections:
+            record.ejections = 0  # it answered: the next ejection starts short again
+        if self._waiting:
+            self._dispatch(self._records.get(record.replica_id))
+
+    def release(self, choice: Choice) -> None:
+        """Give back the slot of a request that was never sent (it gave up while waiting)."""
+        choice.record.stats.release(choice.capability)
+        self._in_flight -= 1
+        if self._waiting:
+            self._dispatch(self._records.get(choice.record.replica_id))
+
+    # ------------------------------------------------------------------ waiting
+
+    def enqueue(
+        self,
+        query: Mapping[str, str],
+        stream: bool,
+        exclude: Collection[str],
+        deliver: Callable[[Choice], bool],
+    ) -> Waiter:
+        """Wait for a slot on a replica matching ``query``: ``deliver`` gets the first one free.
+
+        Raises :class:`Overloaded` when this query's queue (or all queues together) is full.
+        The caller must :meth:`dequeue` the waiter if it stops waiting undelivered.
+        """
+        key = (tuple(sorted(query.items())), stream)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = deque()
+        if len(queue) >= self.max_queue or self._waiting >= self._max_waiting:
+            kind = "streaming " if stream else ""
+            raise Overloaded(
+                f"every replica serving {kind}{format_query(query)} is at its limit and "
+                f"{len(queue)} requests are already waiting; retry later, or add replicas"
+            )
+        waiter = Waiter(key, query, stream, exclude, deliver, next(self._seq))
+        queue.append(waiter)
+        self._queues[key] = queue
+        self._waiting += 1
+        return waiter
+
+    def dequeue(self, waiter: Waiter) -> None:
+        """Stop ``waiter`` waiting (its request timed out or went away); idempotent."""
+        if not waiter.queued:
+            return
+        waiter.queued = False
+        queue = self._queues[waiter.key]
+        queue.remove(waiter)
+        if not queue:
+            del self._queues[waiter.key]
+        self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a free replica."""
+        return self._waiting
+
+    @property
+    def active(self) -> int:
+        """Requests in flight on replicas plus those waiting for one."""
+        return self._in_flight + self._waiting
+
+    def dispatch(self) -> None:
+        """Hand every free slot to a waiting request (after ejections ran out, say)."""
+        if self._waiting:
+            for record in list(self._records.values()):
+                self._dispatch(record)
+
+    def _dispatch(self, record: ReplicaRecord | None) -> None:
+        """Give ``record``'s free slots to the longest-waiting requests it can serve."""
+        if record is None or self._records.get(record.replica_id) is not record:
+            return
+        now = self._clock()
+        if self._expired(record, now):
+            return
+        while (
+            self._waiting and record.stats.in_flight < record.max_in_flight and record.usable(now)
+        ):
+            best: tuple[Waiter, Capability] | None = None
+            for queue in self._queues.values():
+                head = queue[0]
+                if best is not None and head.seq > best[0].seq:
+                    continue
+                capability = _most_specific(record, head.query, head.stream)
+                if capability is None:
+                    continue
+                # Usually the head; a request delegated from this replica skips it.
+                waiter = next((w for w in queue if record.replica_id not in w.exclude), None)
+                if waiter is not None and (best is None or waiter.seq < best[0].seq):
+                    best = (waiter, capability)
+            if best is None:
+                return
+            waiter, capability = best
+            self.dequeue(waiter)
+            choice = Choice(record, capability, ((record.replica_id, record.stats.in_flight),))
+            self.begin(choice)
+            if not waiter.deliver(choice):
+                record.stats.release(capability)
+                self._in_flight -= 1
+
+    def _why_busy(
+        self,
+        query: Mapping[str, str],
+        stream: bool,
+        found: list[tuple[ReplicaRecord, Capability]],
+        now: float,
+    ) -> AnyServeError:
+        """The error for matches none of which can take a request now."""
+        kind = "streaming " if stream else ""
+        if any(r.usable(now) for r, _ in found):
+            limits = ", ".join(f"{r.replica_id}={r.max_in_flight}" for r, _ in found)
+            return Saturated(
+                f"every replica serving {kind}{format_query(query)} is at its limit of "
+                f"requests in flight ({limits}); retry later, or add replicas"
+            )
+        reasons = []
+        for record, _ in found:
+            if not record.healthy:
+                reasons.append(f"{record.replica_id} fails health checks ({record.problem})")
+            else:
+                left = record.ejected_until - now
+                reasons.append(
+                    f"{record.replica_id} is out of rotation for {left:.1f}s more "
+                    f"after a failure ({record.problem})"
+                )
+        return NoHealthyReplica(
+            f"no replica serving {kind}{format_query(query)} is available: " + "; ".join(reasons)
+        )
 
     # ------------------------------------------------------------------ reporting
 
@@ -462,6 +920,17 @@ class Registry:
     def _describe(self, record: ReplicaRecord, now: float) -> dict[str, Any]:
         age = max(0.0, now - record.renewed)
         stats = record.stats
+        # "unhealthy": failing health checks; "ejected": out of rotation for a while after a
+        # failed connection; "stale": heartbeats are late, it may be gone and will be
+        # evicted when the lease runs out (it still takes requests meanwhile).
+        if not record.healthy:
+            state = "unhealthy"
+        elif record.ejected_until > now:
+            state = "ejected"
+        elif age > 2 * self.heartbeat_interval:
+            state = "stale"
+        else:
+            state = "ready"
         return {
             "replica_id": record.replica_id,
             "endpoint": record.endpoint,
@@ -469,10 +938,11 @@ class Registry:
             "registered_at": record.registered_at,
             "last_heartbeat": record.last_heartbeat,
             "heartbeat_age": round(age, 3),
-            # "stale" means heartbeats are late: the replica may be gone and will be
-            # evicted when the lease runs out.
-            "state": "ready" if age <= 2 * self.heartbeat_interval else "stale",
+            "state": state,
+            "problem": record.problem if state in ("unhealthy", "ejected") else None,
+            "ejected_for": round(max(0.0, record.ejected_until - now), 3),
             "in_flight": stats.in_flight,
+            "max_in_flight": record.max_in_flight,
             "requests": stats.requests,
             "errors": stats.errors,
             "p50_ms": stats.percentile(0.50),
@@ -492,8 +962,7 @@ class Registry:
                 f"process (instance {record.instance}); give each replica a unique --replica-id"
             )
 
-    @staticmethod
-    def _parse(body: Any) -> tuple[str, str, list[Capability], str | None]:
+    def _parse(self, body: Any) -> tuple[str, str, list[Capability], str | None, int]:
         if not isinstance(body, dict):
             raise BadRequest(
                 "the body must be a JSON object with replica_id, endpoint, capabilities"
@@ -509,11 +978,13 @@ class Registry:
                 "commas or '='"
             )
         endpoint = body.get("endpoint")
-        if not isinstance(endpoint, str) or ":" not in endpoint or endpoint.strip() != endpoint:
-            raise BadRequest(f"'endpoint' must be 'host:port', got {endpoint!r}")
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise BadRequest(f"'endpoint' must be 'host:port', got {endpoint!r}")
+        host, _ = parse_endpoint(endpoint)
+        if self.loopback_only and not is_loopback(host):
+            raise Forbidden(
+                f"replica {replica_id!r} at {endpoint}: without a token only endpoints on this "
+                "machine (127.0.0.1, ::1, localhost) may register; give the API server and the "
+                "replicas a token (ANYSERVE_TOKEN) to register replicas of other hosts"
+            )
         raw_caps = body.get("capabilities")
         if not isinstance(raw_caps, list):
             raise BadRequest("'capabilities' must be a list of objects")
@@ -521,4 +992,27 @@ class Registry:
         instance = body.get("instance")
         if instance is not None and not isinstance(instance, str):
             raise BadRequest(f"'instance' must be a string, got {instance!r}")
-        return replica_id, endpoint, capabilities, instance
+        max_in_flight = body.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or not 0 < max_in_flight <= MAX_IN_FLIGHT_LIMIT
+        ):
+            raise BadRequest(
+                f"'max_in_flight' must be a whole number from 1 to {MAX_IN_FLIGHT_LIMIT}, "
+                f"got {max_in_flight!r}"
+            )
+        return replica_id, str(endpoint), capabilities, instance, max_in_flight
+
+
+def _most_specific(
+    record: ReplicaRecord, query: Mapping[str, str], stream: bool
+) -> Capability | None:
+    """The record's capability with the fewest attributes that matches, or None."""
+    best: Capability | None = None
+    for capability in record.capabilities:
+        if capability.matches(query, stream) and (
+            best is None or len(capability.attrs) < len(best.attrs)
+        ):
+            best = capability
+    return best

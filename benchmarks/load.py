@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -37,12 +38,47 @@ OpenWorker = Callable[[], Awaitable[Worker]]
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on uvloop when installed: the generator should be as cheap as it can."""
+    """Run ``coro`` on uvloop when installed (the generator should cost as little as it
+    can); a stop signal cancels it and comes out as ``KeyboardInterrupt``, after the
+    coroutine's own cleanup (connections closed) has run."""
+    outcome: list[T] = []
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        interrupted = asyncio.run(_interruptible(coro, outcome))
+    else:
+        interrupted = uvloop.run(_interruptible(coro, outcome))
+    if interrupted:
+        raise KeyboardInterrupt
+    return outcome[0]
+
+
+async def _interruptible(coro: Coroutine[Any, Any, T], outcome: list[T]) -> bool:
+    """Await ``coro`` into ``outcome``; True when a stop signal cancelled it."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopped: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def stop(sig: int) -> None:
+        stopped.append(sig)
+        task.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        outcome.append(await coro)
+        return False
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        return True
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, previous[sig])  # remove_signal_handler resets to the default
 
 
 def percentile(values: list[float], q: float) -> float:

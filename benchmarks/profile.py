@@ -30,6 +30,15 @@ from benchmarks.unary import EXPECT, http_phase, http_request
 
 TOP = 25
 RATE = 150
+#: Seconds each profiled phase runs: enough samples for shares of a few percent.
+PROFILE_SECONDS = 8.0
+#: Frames every sample of a thread sits under (entry points, the loop itself): no news.
+_ROOTS = re.compile(
+    r"<frozen runpy>|<module>|\((typer|click)/|\(asyncio/runners\.py\)|\(threading\.py\)"
+    r"|(^|\.)(run_forever|run_until_complete|_run_once) \(asyncio/base_events\.py\)"
+    r"|^(main|run|replica) \(anyserve/(cli|replica|api_server)\.py\)"
+    r"|^(Server\.run|asyncio_run) \(uvicorn/"
+)
 #: Innermost native frames that mean "waiting", not working.
 IDLE = {
     "epoll_wait",
@@ -145,7 +154,7 @@ def summarize(folded: str) -> dict[str, Any]:
         rows = []
         for frame, n in counter.most_common():
             # Frames under which nearly every sample sits (main, Runner.run) say nothing.
-            if skip_roots and n >= 0.9 * work:
+            if skip_roots and (n >= 0.9 * work or _ROOTS.search(frame)):
                 continue
             rows.append({"frame": frame, "share": round(n / work, 3)})
             if len(rows) == TOP:
@@ -194,7 +203,7 @@ async def profile(
     if spy is None:
         return {"status": "unavailable", "reason": "py-spy is not installed (pip install py-spy)"}
     out_dir.mkdir(parents=True, exist_ok=True)
-    duration = max(settings.duration, 4.0)
+    duration = max(settings.duration, PROFILE_SECONDS)
     settings = dataclasses.replace(settings, max_requests=None)  # enough samples, even --quick
     pids = {"api": api.child.pid, "replica": replica.child.pid}
     out: dict[str, Any] = {"status": "ok"}

@@ -141,9 +141,9 @@ def startup_table(results: dict[str, Any]) -> Table:
     )
     up = startup["up"]
     if up["status"] == "ok":
-        table.add_row(
-            "anyserve up → all registered", _n(up["registered_s"], 2), f"{up['replicas']} replicas"
-        )
+        api_s, first_s = _n(up.get("api_server_s"), 2), _n(up.get("first_replica_s"), 2)
+        detail = f"{up['replicas']} replicas; API server up at {api_s} s, first replica {first_s} s"
+        table.add_row("anyserve up → all registered", _n(up["registered_s"], 2), detail)
     else:
         table.add_row("anyserve up → all registered", up["status"], up.get("reason", "")[:80])
     reload = startup["reload"]

@@ -196,7 +196,7 @@ def _settings_dict(settings: Settings) -> dict[str, Any]:
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:
-    # SIGTERM/SIGHUP take the same way out as Ctrl-C: the Children block stops everything.
+    # Every stop signal takes the way out of Ctrl-C: the Children block stops everything.
     raise KeyboardInterrupt
 
 
@@ -204,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     make = Settings.quick_mode if args.quick else Settings.default
     settings = make(args.duration, quiet=args.quiet)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell starts background jobs with it ignored, and the run must stop.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
         results = measure(settings, not args.no_wrk, args.profile, args.quiet_logs)

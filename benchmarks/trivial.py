@@ -52,14 +52,13 @@ async def serve(port: int) -> None:
 
 def main() -> None:
     port = int(sys.argv[1])
-    try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
     with contextlib.suppress(KeyboardInterrupt):
-        run(serve(port))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(port))
+        else:
+            uvloop.run(serve(port))
 
 
 if __name__ == "__main__":

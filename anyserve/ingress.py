@@ -153,6 +153,8 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         try:
             routing = self._routing(request, context)
             reply, choice = await self.gateway.infer(request, routing)
+            if request.raw_input_contents:
+                reply = with_raw_outputs(reply)
         except AnyServeError as exc:
             if routing is not None:
                 self._log("ModelInfer", routing, "", str(exc.status), started)
@@ -160,8 +162,6 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
             raise  # abort raises; this is for the type checker
         self._log("ModelInfer", routing, choice.replica_id, "ok", started)
         await context.send_initial_metadata((("x-anyserve-replica", choice.replica_id),))
-        if request.raw_input_contents:
-            reply = with_raw_outputs(reply)
         if not reply.model_name:
             reply.model_name = request.model_name
         if not reply.model_version:
@@ -209,14 +209,14 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 ok = True  # the client went away (or shutdown ended the call): not an error
                 raise
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, AnyServeError) as exc:
                 stream.finish(ok=False)
-                if not sent and gateway._retry(exc, choice, routing, exclude, stream=True):
+                if isinstance(exc, AnyServeError):  # a reply that cannot be made raw
+                    error: AnyServeError = exc
+                elif not sent and gateway._retry(exc, choice, routing, exclude, stream=True):
                     continue
-                if stream.shutting_down:
-                    error: AnyServeError = Unavailable(
-                        "the API server is shutting down; retry the request"
-                    )
+                elif stream.shutting_down:
+                    error = Unavailable("the API server is shutting down; retry the request")
                 else:
                     error = _translate(exc, choice, routing.timeout)
                 self._log(

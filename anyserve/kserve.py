@@ -163,6 +163,8 @@ def raw_tensor(tensor: Any) -> bytes:
     """A tensor's ``contents`` in the raw little-endian layout of its datatype."""
     values = _values(tensor)
     if tensor.datatype == "BYTES":
+        if not all(isinstance(v, bytes) for v in values):
+            raise HandlerError(f"tensor {tensor.name!r}: BYTES output holds numbers, not bytes")
         return _join_bytes(values)
     code = _STRUCT.get(tensor.datatype)
     if code is None:
@@ -183,12 +185,14 @@ def _fill_from_raw(tensor: Any, raw: bytes) -> None:
             f"output {tensor.name!r} of datatype {tensor.datatype!r} can only be sent in binary; "
             'ask for it with "parameters": {"binary_data": true}'
         )
-    if tensor.datatype == "BYTES":
-        values: Sequence[Any] = split_bytes(raw, f"output {tensor.name!r}")
-    else:
-        code = _STRUCT[tensor.datatype]
-        count = len(raw) // struct.calcsize(code)
-        values = struct.unpack_from(f"<{count}{code}", raw)
+    try:
+        if tensor.datatype == "BYTES":
+            values: Sequence[Any] = split_bytes(raw, f"output {tensor.name!r}")
+        else:
+            count = _element_count(tensor.datatype, raw, f"output {tensor.name!r}")
+            values = struct.unpack(f"<{count}{_STRUCT[tensor.datatype]}", raw)
+    except BadRequest as exc:  # the handler's raw data is malformed: its error, not the client's
+        raise HandlerError(exc.message) from None
     getattr(tensor.contents, field).extend(values)
 
 
@@ -327,7 +331,8 @@ def decode_request(
     binary_in = any(blob is not None for blob in blobs)
     wanted = _wanted_outputs(obj, binary_in)
     _strip_transport(obj)
-    for item in obj.get("outputs") or ():
+    outputs = obj.get("outputs")
+    for item in outputs if isinstance(outputs, list) else ():
         _strip_transport(item)
     if isinstance(obj.get("parameters"), dict) and not obj["parameters"]:
         del obj["parameters"]
@@ -343,7 +348,10 @@ def _to_raw_inputs(request: pb.ModelInferRequest, blobs: list[bytes | None]) -> 
     for index, (tensor, blob) in enumerate(zip(request.inputs, blobs, strict=True)):
         where = f"inputs[{index}] ({tensor.name})"
         if blob is None:
-            raw.append(raw_tensor(tensor))
+            try:
+                raw.append(raw_tensor(tensor))
+            except HandlerError as exc:  # e.g. an FP16 value too large for half precision
+                raise BadRequest(f"{where}: {exc.message}") from None
             tensor.ClearField("contents")
             continue
         count = _element_count(tensor.datatype, blob, where)

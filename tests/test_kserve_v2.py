@@ -7,6 +7,7 @@ the codec functions and the routes that need no replica are tested in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import struct
@@ -16,11 +17,13 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.api_server import ApiServerConfig, create_app
-from anyserve.errors import BadRequest
+from anyserve.errors import AnyServeError, BadRequest
 from anyserve.kserve import (
     decode_request,
     encode_response,
@@ -474,6 +477,22 @@ def test_transport_parameters_do_not_reach_the_handler(api: ApiServer) -> None:
             None,
             "binary_data_size",
         ),
+        (
+            {
+                "inputs": [
+                    {"name": "h", "shape": [1], "datatype": "FP16", "data": [1e10]},
+                    {
+                        "name": "x",
+                        "shape": [1],
+                        "datatype": "INT32",
+                        "parameters": {"binary_data_size": 4},
+                    },
+                ]
+            },
+            b"\0" * 4,
+            None,
+            "do not fit FP16",
+        ),
     ],
 )
 def test_malformed_binary_requests_are_400(
@@ -505,6 +524,10 @@ def test_binary_size_without_the_header_is_400(api: ApiServer) -> None:
         (b'{"inputs": [{"name": "x", "datatype": "INT32", "shape": [2], "data": [1]}]}', "shape"),
         (b'{"inputs": [{"name": "x", "datatype": "INT8", "data": [300]}]}', "out of range"),
         (b'{"input": []}', "unknown field"),
+        (b'{"inputs": [], "outputs": 0.5}', "outputs: expected an array"),
+        (b'{"inputs": [], "outputs": "ab"}', "outputs: expected an array"),
+        (b'{"inputs": {}}', "inputs: expected an array"),
+        (b'{"inputs": [], "parameters": []}', "parameters: expected an object"),
     ],
 )
 def test_malformed_json_requests_are_400(api: ApiServer, content: bytes, message: str) -> None:
@@ -707,3 +730,92 @@ def test_grpc_stream_infer(stub: pbg.GRPCInferenceServiceStub) -> None:
         list(stub.ModelStreamInfer(text_request("chat", "demo")))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "a unary one matches" in (caught.value.details() or "")
+
+
+# ---------------------------------------------------------------------- any body: 400, never 500
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+_json_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _or_anything(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``good``, a wrong scalar, or any JSON value: each about as likely."""
+    return st.one_of(good, _scalars, _json_values)
+
+
+_params = _or_anything(
+    st.dictionaries(
+        st.sampled_from(["binary_data_size", "binary_data", "binary_data_output", "x"]),
+        _scalars | st.integers(0, 8),
+    )
+)
+_tensors = _or_anything(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "name": _or_anything(st.text(max_size=3)),
+            "shape": _or_anything(st.lists(st.integers(-1, 4), max_size=3)),
+            "datatype": _or_anything(st.sampled_from(["BYTES", "INT32", "FP16", "BOOL", "BF16"])),
+            "data": _json_values,
+            "parameters": _params,
+            "contents": _json_values,
+        },
+    )
+)
+_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "inputs": _or_anything(st.lists(_tensors, max_size=3)),
+        "outputs": _or_anything(
+            st.lists(
+                _or_anything(
+                    st.fixed_dictionaries(
+                        {"name": st.text(max_size=3)}, optional={"parameters": _params}
+                    )
+                ),
+                max_size=2,
+            )
+        ),
+        "parameters": _params,
+        "id": _or_anything(st.text(max_size=3)),
+    },
+)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(body=_bodies | _scalars, blob=st.binary(max_size=24), binary=st.booleans())
+def test_decode_request_refuses_any_malformed_body_with_400(
+    body: Any, blob: bytes, binary: bool
+) -> None:
+    head = json.dumps(body).encode()
+    with contextlib.suppress(BadRequest):
+        decode_request(head + blob if binary else head, len(head) if binary else None)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    datatype=st.sampled_from(["BYTES", "INT8", "UINT64", "FP16", "FP32", "BOOL", "BF16", ""]),
+    values=st.lists(st.integers(-300, 300), max_size=4),
+    raw=st.booleans(),
+    wanted=st.sampled_from([None, {"*": True}, {"t": True}, {"t": False}]),
+)
+def test_encode_response_of_any_tensor_is_a_reply_or_a_handler_error(
+    datatype: str, values: list[int], raw: bool, wanted: dict[str, bool] | None
+) -> None:
+    response = pb.ModelInferResponse()
+    tensor = response.outputs.add(name="t", datatype=datatype)
+    tensor.shape.append(len(values))
+    if raw:
+        response.raw_output_contents.append(bytes(v % 256 for v in values))
+    else:
+        tensor.contents.int64_contents.extend(values)
+    try:
+        encode_response(response, wanted, "m", "", "")
+    except AnyServeError as exc:
+        assert exc.status == 500, exc.message

@@ -194,6 +194,13 @@ def up(
             "--dry-run", help="Validate the topology file, print it and exit; start nothing."
         ),
     ] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Let an API server that listens beyond loopback run without a token.",
+        ),
+    ] = False,
 ) -> None:
     """Start the API server and every replica group of anyserve.toml, and keep them up.
 
@@ -202,12 +209,18 @@ def up(
     Ctrl-C unregisters and drains the replicas, then stops everything (exit 130).
 
     On a terminal a live dashboard is shown; all output is kept in .anyserve/logs/.
+
+    An API server listening beyond loopback (host = "0.0.0.0") needs a token: [api_server]
+    token, $ANYSERVE_TOKEN, or one `up` creates in .anyserve/token.
     """
     from anyserve.topology import load
 
     topology = load(config)
     if dry_run:
-        _print_topology(topology)
+        from anyserve.supervisor import token_plan
+
+        token, create = token_plan(topology, insecure=insecure)
+        _print_topology(topology, token, create)
         return
     import os
 
@@ -215,16 +228,22 @@ def up(
 
     # A dumb terminal cannot redraw in place: fall back to prefixed lines there.
     tui = sys.stdout.isatty() and os.environ.get("TERM") != "dumb" and not no_tui
-    sys.exit(run(topology, tui=tui, reload=not no_reload))
+    sys.exit(run(topology, tui=tui, reload=not no_reload, insecure=insecure))
 
 
-def _print_topology(topology: Any) -> None:
+def _print_topology(topology: Any, token: str | None, create: bool) -> None:
     api, objects = topology.api_server, topology.objects
     typer.echo(f"{topology.path}: OK")
     extra = ""
     if api.lease_ttl is not None or api.heartbeat_interval is not None:
         extra = f" (lease {api.lease_ttl}s, heartbeat {api.heartbeat_interval}s)"
-    typer.echo(f"  api server  {api.url}{extra}")
+    if create:
+        auth = f"token created in {topology.state_dir / 'token'}"
+    elif token:
+        auth = "token from anyserve.toml" if api.token else "token from $ANYSERVE_TOKEN"
+    else:
+        auth = "no token"
+    typer.echo(f"  api server  {api.url}{extra}, {auth}")
     ttl = "no TTL" if objects.ttl is None else f"TTL {objects.ttl:g}s"
     typer.echo(
         f"  objects     {objects.path} ({ttl}{', pickle allowed' if objects.allow_pickle else ''})"
@@ -234,7 +253,7 @@ def _print_topology(topology: Any) -> None:
         watch = ", ".join(str(p) for p in g.watch) or "nothing"
         typer.echo(
             f"  {g.name:<11} {g.app} x{g.count}, {port}, restart={g.restart}, "
-            f"drain {g.drain_timeout:g}s, watch {watch}"
+            f"drain {g.drain_timeout:g}s, max in flight {g.max_in_flight}, watch {watch}"
         )
 
 

@@ -20,6 +20,7 @@ from rich.text import Text
 STATE_STYLES = {
     "starting": "yellow",
     "ready": "green",
+    "unhealthy": "red",
     "reloading": "cyan",
     "draining": "cyan",
     "backing off": "dark_orange",
@@ -199,7 +200,7 @@ def process_table(snapshot: Snapshot, title: str | None = "Processes") -> Render
             )
         if not note:
             continue
-        bad = p.state == "crash loop" or "failed" in note
+        bad = p.state in ("crash loop", "unhealthy") or "failed" in note or "stuck" in note
         problems.append(f"{p.name}: ", style="bold")
         problems.append(f"{note}\n", style="red" if bad else "yellow")
         if p.state == "crash loop":

@@ -159,6 +159,46 @@ class Sampler:
         return out
 
 
+class ReadinessProbe:
+    """Asks replicas the KServe v2 ``ServerReady`` over gRPC, all at once, with a deadline.
+
+    Channels are kept per endpoint between rounds (a probe must not cost a connection
+    each second) and closed once an endpoint is no longer asked about.
+    """
+
+    def __init__(self) -> None:
+        self._channels: dict[str, tuple[Any, Any]] = {}
+
+    def ask(self, targets: Mapping[int, str], timeout: float) -> dict[int, bool]:
+        """``{key: answered ready}`` for ``targets`` (``{key: "host:port"}``)."""
+        import grpc
+
+        from anyserve._proto import grpc_predict_v2_pb2 as pb
+        from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+
+        for endpoint in set(self._channels) - set(targets.values()):
+            self._channels.pop(endpoint)[0].close()
+        calls = {}
+        for key, endpoint in targets.items():
+            if endpoint not in self._channels:
+                channel = grpc.insecure_channel(endpoint)
+                self._channels[endpoint] = (channel, pbg.GRPCInferenceServiceStub(channel))
+            stub = self._channels[endpoint][1]
+            calls[key] = stub.ServerReady.future(pb.ServerReadyRequest(), timeout=timeout)
+        answers: dict[int, bool] = {}
+        for key, call in calls.items():
+            try:
+                answers[key] = bool(call.result().ready)
+            except grpc.RpcError:
+                answers[key] = False
+        return answers
+
+    def forget_all(self) -> None:
+        for channel, _ in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
 def port_in_use(host: str, port: int) -> bool:
     """True when ``host:port`` cannot be bound (another process listens there)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

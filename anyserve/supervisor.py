@@ -18,8 +18,16 @@ process that exits or never registers is killed; the old one keeps serving and t
 error is shown. A slot with a fixed port goes through a bridge process on a free port,
 since the old process still holds the fixed port while the new one starts.
 
+Stuck replicas: a probe thread asks every ready replica ``ServerReady`` once a second.
+One that has not answered for its group's ``stuck_timeout`` (its event loop is blocked,
+or it was stopped) is SIGKILLed, and the normal restart path with backoff takes over.
+
 Shutdown: replicas get SIGTERM (they unregister and finish in-flight requests), then
 the API server; a second signal kills everything at once.
+
+Authentication: the token (``[api_server] token``, else ``$ANYSERVE_TOKEN``, else one
+created in ``.anyserve/token`` when the API server listens beyond loopback) reaches every
+child as ``$ANYSERVE_TOKEN``, never on a command line, where ``ps`` would show it.
 """
 
 from __future__ import annotations
@@ -40,13 +48,16 @@ from pathlib import Path
 from typing import Any
 
 from anyserve.dashboard import LogLine, ProcessView, ReplicaView, Snapshot
-from anyserve.errors import AnyServeError, BadRequest, NotFound
+from anyserve.errors import AnyServeError, BadRequest, ConfigError, NotFound
 from anyserve.logs import SUPERVISOR, Event, LogFiles
 from anyserve.process import Child, Sampler, free_port, port_in_use
 from anyserve.topology import API_NAME, GroupSpec, Topology, config_error
 
 API_KIND = "api server"
 REPLICA_KIND = "replica"
+TOKEN_ENV = "ANYSERVE_TOKEN"
+TOKEN_FILE = "token"
+"""Created in the state directory when ``up`` makes a token up."""
 
 Sink = Callable[[Event], None]
 
@@ -83,6 +94,10 @@ class Timings:
     kill_margin: float = 5.0
     api_grace: float = 5.0
     debounce_ms: int = 300
+    probe_every: float = 1.0
+    """How often every ready replica is asked ``ServerReady``..."""
+    probe_timeout: float = 1.0
+    """... and how long it has to answer (an idle replica answers in a millisecond)."""
 
 
 @dataclass
@@ -110,6 +125,10 @@ class Proc:
     term_at: float | None = None
     kill_at: float | None = None
     restart_now: bool = False
+    unhealthy_since: float | None = None
+    """When ``ServerReady`` first went unanswered (None while it answers)."""
+    stuck_for: float | None = None
+    """Set when the supervisor killed the process for not answering: for how long."""
 
     @property
     def name(self) -> str:
@@ -149,6 +168,7 @@ class Supervisor:
         sink: Sink,
         *,
         reload: bool = True,
+        insecure: bool = False,
         policy: RestartPolicy | None = None,
         timings: Timings | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -156,6 +176,9 @@ class Supervisor:
         self.topology = topology
         self.sink = sink
         self.reload_enabled = reload
+        self.insecure = insecure
+        self.token: str | None = None
+        self._create_token = False
         self.policy = policy or RestartPolicy()
         self.timings = timings or Timings()
         self.clock = clock
@@ -183,12 +206,16 @@ class Supervisor:
         self._api_stop_sent = False
         self._files: LogFiles | None = None  # created by run(): preflight writes nothing
         self._http: Any = None
+        self._probe_targets: dict[int, str] = {}  # pid -> endpoint, replaced by the loop
 
     # ------------------------------------------------------------------ public surface
 
     def preflight(self) -> None:
-        """Refuse to start when a fixed port is taken (naming the port and the group)."""
+        """Refuse to start when a fixed port is taken (naming the port and the group) or
+        when the API server would listen beyond loopback with no token."""
         from anyserve.control import running_pid
+
+        self.token, self._create_token = token_plan(self.topology, insecure=self.insecure)
 
         pid = running_pid(self.topology.state_dir)
         if pid is not None:
@@ -219,19 +246,25 @@ class Supervisor:
 
         from anyserve.control import ControlServer
 
-        self._http = httpx.Client(timeout=2.0)
+        if self._create_token:
+            self.token = token_file(self.topology.state_dir)
+        self._http = httpx.Client(timeout=2.0, headers=self._auth_headers())
         self._files = LogFiles(self.topology.state_dir / "logs")
         control = ControlServer(self.topology.state_dir, self._control)
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        threads = [threading.Thread(target=self._poll_api, name="poll", daemon=True)]
+        threads = [
+            threading.Thread(target=self._poll_api, name="poll", daemon=True),
+            threading.Thread(target=self._probe, name="probe", daemon=True),
+        ]
         if self.reload_enabled and any(g.watch for g in self.topology.groups):
             threads.append(threading.Thread(target=self._watch, name="watch", daemon=True))
         try:
             self._say(
                 f"starting {self.topology.path.name}: API server at {self.topology.api_server.url}"
             )
+            self._say_auth()
             self._start_api()
             for thread in threads:
                 thread.start()
@@ -309,6 +342,24 @@ class Supervisor:
         # Called from a reader thread: hand over, do not touch state.
         self.inbox.put(("line", child.pid, stream, line))
 
+    def _say_auth(self) -> None:
+        api = self.topology.api_server
+        if self._create_token:
+            path = self.topology.state_dir / TOKEN_FILE
+            self._say(
+                f"the API server listens on {api.host}: registration and object writes need "
+                f"the token in {path} (clients: export {TOKEN_ENV}=$(cat {path}))"
+            )
+        elif self.token is None and not api.loopback:
+            self._say(
+                f"--insecure: the API server listens on {api.host} without a token; anyone "
+                "who can reach it may register replicas and write objects",
+                kind="error",
+            )
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     def _on_signal(self, signum: int, frame: object) -> None:
         # Only record; the loop notices within one tick.
         self.signals.append(signum)
@@ -351,6 +402,8 @@ class Supervisor:
             reply.ready.set()
         elif kind == "note":
             self._say(message[1], kind=message[2] if len(message) > 2 else "lifecycle")
+        elif kind == "probe":
+            self._on_probe(message[1], message[2])
 
     def _step(self) -> None:
         now = self.clock()
@@ -398,6 +451,7 @@ class Supervisor:
             self.samples = self._sampler.sample(pids)
             self.dirty = True
         self._maybe_cleanup(now)
+        self._probe_targets = self._probe_list() if self.phase == "running" else {}
         busy = any(p.state in ("starting", "draining") for p in self.procs) or bool(self.reloads)
         if busy:
             self._fast.set()
@@ -427,6 +481,9 @@ class Supervisor:
         """Start ``proc``'s process now (first start, restart or reload candidate)."""
         topo = self.topology
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop(TOKEN_ENV, None)
+        if self.token:
+            env[TOKEN_ENV] = self.token
         if proc.kind == API_KIND:
             api = topo.api_server
             argv = [
@@ -444,10 +501,15 @@ class Supervisor:
                 argv += ["--lease-ttl", str(api.lease_ttl)]
             if api.heartbeat_interval is not None:
                 argv += ["--heartbeat-interval", str(api.heartbeat_interval)]
+            if api.auth != "writes":
+                argv += ["--auth", api.auth]
             proc.replica_id = None
         else:
             group = topo.group(proc.group)
             env.update(group.env_dict)
+            env.pop(TOKEN_ENV, None)  # the group's env does not choose the token
+            if self.token:
+                env[TOKEN_ENV] = self.token
             if port is None:
                 port = group.port_for(proc.slot) or free_port(group.host)
             proc.port = port
@@ -470,6 +532,8 @@ class Supervisor:
                 proc.replica_id,
                 "--grace",
                 str(group.drain_timeout),
+                "--max-in-flight",
+                str(group.max_in_flight),
             ]
             if topo.objects.allow_pickle:
                 argv.append("--allow-pickle")
@@ -479,6 +543,7 @@ class Supervisor:
         proc.exit_code = None
         proc.term_at = proc.kill_at = None
         proc.ready_at = None
+        proc.unhealthy_since = proc.stuck_for = None
         try:
             child = Child(argv, cwd=topo.root, env=env, on_line=self._on_line)
         except OSError as exc:
@@ -545,6 +610,9 @@ class Supervisor:
         proc.term_at = proc.kill_at = None
         ran = now - (proc.started_at or now)
         how = f"exited with code {code}" if code >= 0 else f"killed by {_signame(-code)}"
+        if proc.stuck_for is not None:
+            how = f"stuck (no answer to ServerReady for {proc.stuck_for:.1f}s), killed"
+        proc.unhealthy_since = None
         if self.phase != "running":
             proc.state = "stopped"
             self._say(f"stopped ({how})", proc.name)
@@ -564,7 +632,7 @@ class Supervisor:
             return
         policy = "always" if proc.kind == API_KIND else self.topology.group(proc.group).restart
         last = proc.stderr_tail[-1].strip() if proc.stderr_tail else ""
-        proc.message = f"{how}: {last}" if last else how
+        proc.message = f"{how}: {last}" if last and proc.stuck_for is None else how
         if policy == "never" or (policy == "on-failure" and code == 0):
             proc.state = "stopped"
             self._say(f"{how}; not restarting (restart = {policy!r})", proc.name, kind="exit")
@@ -609,19 +677,111 @@ class Supervisor:
     def _unregister(self, proc: Proc) -> None:
         """Take ``proc`` out of routing now; it stops in ``settle`` seconds and drains."""
         if proc.replica_id and self.api_reachable:
+            # If this fails the replica still unregisters itself on SIGTERM, a moment later.
             try:
-                self._http.request(
+                reply = self._http.request(
                     "DELETE",
                     self.topology.api_server.url + "/unregister",
                     json={"replica_id": proc.replica_id},
                 )
-            except Exception as exc:  # the replica unregisters itself on SIGTERM anyway
+                if reply.status_code not in (200, 404):
+                    self._say(
+                        f"could not unregister {proc.replica_id}: API server answered "
+                        f"{reply.status_code} {reply.text[:200]}",
+                        proc.name,
+                    )
+            except Exception as exc:
                 self._say(f"could not unregister {proc.replica_id}: {exc}", proc.name)
             self.registry.pop(proc.replica_id, None)
         proc.role = "retire"
         proc.state = "draining"
         proc.term_at = self.clock() + self.timings.settle
         self._say(f"unregistered {proc.replica_id}; draining", proc.name)
+
+    # ------------------------------------------------------------------ stuck replicas
+
+    def _probe_list(self) -> dict[int, str]:
+        """``{pid: endpoint}`` of the replicas the probe thread should ask ``ServerReady``."""
+        targets: dict[int, str] = {}
+        for proc in self.procs:
+            if (
+                proc.kind != REPLICA_KIND
+                or proc.child is None
+                or proc.role == "retire"
+                or proc.state not in ("ready", "unhealthy")
+                or proc.port is None
+            ):
+                continue
+            group = self.topology.group(proc.group)
+            if group.stuck_timeout is None:
+                continue
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+                group.host, group.host
+            )
+            host = f"[{host}]" if ":" in host else host
+            targets[proc.child.pid] = f"{host}:{proc.port}"
+        return targets
+
+    def _on_probe(self, sent_at: float, answers: dict[int, bool]) -> None:
+        """Mark replicas that stopped answering; kill one stuck past its group's bound."""
+        now = self.clock()
+        for pid, ok in answers.items():
+            proc = self._by_child.get(pid)
+            if proc is None or proc.child is None or proc.state not in ("ready", "unhealthy"):
+                continue
+            if ok:
+                if proc.state == "unhealthy":
+                    proc.state = "ready"
+                    proc.message = ""
+                    self._say("answers ServerReady again", proc.name)
+                proc.unhealthy_since = None
+                continue
+            bound = self.topology.group(proc.group).stuck_timeout
+            if proc.unhealthy_since is None:
+                proc.unhealthy_since = sent_at
+                proc.state = "unhealthy"
+                self._say(f"pid {pid} does not answer ServerReady", proc.name, kind="exit")
+            silent = now - proc.unhealthy_since
+            proc.message = f"no answer to ServerReady for {silent:.1f}s"
+            if bound is None or silent < bound:
+                continue
+            policy = self.topology.group(proc.group).restart
+            if policy == "never":
+                proc.message += " (restart = 'never': left as it is)"
+                continue
+            proc.stuck_for = silent
+            self._say(
+                f"stuck: no answer to ServerReady for {silent:.1f}s; killing pid {pid}",
+                proc.name,
+                kind="error",
+            )
+            proc.child.kill()  # SIGKILL ends a stopped process too; the exit path restarts it
+        self.dirty = True
+
+    def _probe(self) -> None:
+        """Thread: ask every ready replica ``ServerReady``; report who answered."""
+        from anyserve.process import ReadinessProbe
+
+        probe = ReadinessProbe()
+        every = self.timings.probe_every
+        next_at = time.monotonic() + every
+        try:
+            # At a fixed rate, not a pause after each round: a round that waits for a stuck
+            # replica's timeout must not stretch the time until it is found stuck.
+            while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+                next_at = max(next_at + every, time.monotonic())
+                targets = self._probe_targets
+                if not targets:
+                    probe.forget_all()
+                    continue
+                sent_at = self.clock()
+                answers = probe.ask(targets, min(self.timings.probe_timeout, every))
+                if not self._stop.is_set():
+                    self.inbox.put(("probe", sent_at, answers))
+        except Exception as exc:  # a broken probe must not take `up` down; say so
+            self.inbox.put(("note", f"replica health probe stopped: {exc}", "error"))
+        finally:
+            probe.forget_all()
 
     # ------------------------------------------------------------------ reload
 
@@ -900,7 +1060,7 @@ class Supervisor:
 
         url = self.topology.api_server.url
         healthy = False
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, headers=self._auth_headers()) as client:
             while not self._stop.is_set():
                 try:
                     if not healthy:
@@ -970,6 +1130,62 @@ class Supervisor:
             )
 
 
+def token_plan(
+    topology: Topology, *, insecure: bool, env: dict[str, str] | None = None
+) -> tuple[str | None, bool]:
+    """``(token, create)``: the API server's token and whether ``up`` must create one.
+
+    ``[api_server] token`` wins, then ``$ANYSERVE_TOKEN``. With neither, a loopback API
+    server runs without one, and a non-loopback one gets a token ``up`` creates, unless
+    ``--insecure``. ``token = false`` on a non-loopback address needs ``--insecure``.
+    """
+    api = topology.api_server
+    env = dict(os.environ) if env is None else env
+    if api.token:
+        return api.token, False
+    if not api.token_off and env.get(TOKEN_ENV):
+        return env[TOKEN_ENV], False
+    if api.loopback or insecure:
+        return None, False
+    if api.token_off:
+        raise config_error(
+            topology,
+            ("api_server", "token"),
+            f"false leaves the API server on {api.host} open to anyone who can reach it; "
+            "remove the line (up then creates a token) or pass --insecure",
+        )
+    return None, True
+
+
+def token_file(state_dir: Path) -> str:
+    """The token in ``state_dir/token``, created (0600) if there is none yet.
+
+    Reused across runs, so clients that read it keep working after `up` restarts.
+    """
+    path = state_dir / TOKEN_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        return token
+    import stat
+
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(
+            f"{path} is not a private file of yours (expected mode 0600); remove it and "
+            "`anyserve up` creates a new token"
+        )
+    token = path.read_text(encoding="utf-8").strip()
+    if not token:
+        raise ConfigError(f"{path} is empty; remove it and `anyserve up` creates a new token")
+    return token
+
+
 def _order(proc: Proc) -> tuple[int, str, int, int]:
     return (
         0 if proc.kind == API_KIND else 1,
@@ -1032,7 +1248,7 @@ def _changed_groups(topology: Topology, paths: set[str]) -> list[str]:
     return hit
 
 
-def run(topology: Topology, *, tui: bool, reload: bool = True) -> int:
+def run(topology: Topology, *, tui: bool, reload: bool = True, insecure: bool = False) -> int:
     """``anyserve up``: preflight, then supervise with the dashboard or prefixed lines."""
     from anyserve.logs import Printer
 
@@ -1041,19 +1257,19 @@ def run(topology: Topology, *, tui: bool, reload: bool = True) -> int:
             [len(SUPERVISOR), len(f"{API_NAME}.0")]
             + [len(f"{g.name}.{max(g.count - 1, 0)}") for g in topology.groups]
         )
-        supervisor = Supervisor(topology, Printer(width=width), reload=reload)
+        supervisor = Supervisor(topology, Printer(width=width), reload=reload, insecure=insecure)
         supervisor.preflight()
         return supervisor.run()
-    return _run_tui(topology, reload)
+    return _run_tui(topology, reload, insecure)
 
 
-def _run_tui(topology: Topology, reload: bool) -> int:
+def _run_tui(topology: Topology, reload: bool, insecure: bool) -> int:
     from rich.console import Console
     from rich.live import Live
 
     from anyserve.dashboard import Dashboard
 
-    supervisor = Supervisor(topology, lambda event: None, reload=reload)
+    supervisor = Supervisor(topology, lambda event: None, reload=reload, insecure=insecure)
     supervisor.preflight()
     console = Console()
     last = 0.0

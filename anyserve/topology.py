@@ -54,6 +54,18 @@ class ApiServerSpec:
     port: int = 8080
     lease_ttl: float | None = None
     heartbeat_interval: float | None = None
+    token: str | None = None
+    """``token = "..."``: the bearer token registration and object writes require."""
+    token_off: bool = False
+    """``token = false``: run without a token even on a non-loopback address (with
+    ``up --insecure`` only)."""
+    auth: str = "writes"
+    """What the token guards: ``writes`` (registration, object writes) or ``all`` routes."""
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the API server (a wildcard bind cannot)."""
+        return is_loopback(self.host)
 
     @property
     def url(self) -> str:
@@ -86,6 +98,11 @@ class GroupSpec:
     watch: tuple[Path, ...] = ()
     restart: str = "always"
     drain_timeout: float = 10.0
+    max_in_flight: int = 8
+    """Requests the API server may send one replica at once (it queues the rest)."""
+    stuck_timeout: float | None = 5.0
+    """A replica that does not answer ``ServerReady`` for this long is killed and restarted
+    (its event loop is blocked, or it was stopped); None: never."""
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -123,9 +140,24 @@ class Topology:
 
 
 _TOP_KEYS = ("api_server", "objects", "replicas")
-_API_KEYS = ("host", "port", "lease_ttl", "heartbeat_interval")
+_API_KEYS = ("host", "port", "lease_ttl", "heartbeat_interval", "token", "auth")
+AUTH_MODES = ("writes", "all")
 _OBJECT_KEYS = ("path", "ttl", "allow_pickle")
-_GROUP_KEYS = ("app", "count", "port", "host", "env", "watch", "restart", "drain_timeout")
+_GROUP_KEYS = (
+    "app",
+    "count",
+    "port",
+    "host",
+    "env",
+    "watch",
+    "restart",
+    "drain_timeout",
+    "max_in_flight",
+    "stuck_timeout",
+)
+# A bearer token goes into an HTTP header: visible ASCII, no spaces (RFC 6750's b64token
+# is stricter, but anything a header can carry works), and long enough not to be guessed.
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,}$")
 
 
 def load(path: str | Path = DEFAULT_FILE) -> Topology:
@@ -173,11 +205,28 @@ def _api_server(ctx: _Context, table: dict[str, Any]) -> ApiServerSpec:
     where = ("api_server",)
     ctx.check_keys(table, where, _API_KEYS)
     default = ApiServerSpec()
+    token = table.get("token")
+    if (
+        token is not None
+        and token is not False
+        and not (isinstance(token, str) and _TOKEN_RE.match(token))
+    ):
+        ctx.fail(
+            (*where, "token"),
+            "expected at least 16 visible characters without spaces (or false for none), "
+            "e.g. the output of: python -c 'import secrets; print(secrets.token_urlsafe())'",
+        )
+    auth = ctx.string(table, (*where, "auth"), default.auth)
+    if auth not in AUTH_MODES:
+        ctx.fail((*where, "auth"), f"expected one of {', '.join(AUTH_MODES)}, got {auth!r}")
     return ApiServerSpec(
         host=ctx.string(table, (*where, "host"), default.host),
         port=ctx.port(table, (*where, "port"), default.port) or default.port,
         lease_ttl=ctx.duration(table, (*where, "lease_ttl"), None),
         heartbeat_interval=ctx.duration(table, (*where, "heartbeat_interval"), None),
+        token=token if isinstance(token, str) else None,
+        token_off=token is False,
+        auth=auth,
     )
 
 
@@ -256,6 +305,10 @@ def _group(ctx: _Context, name: str, table: dict[str, Any]) -> GroupSpec:
             (*where, "restart"), f"expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
         )
     drain = ctx.duration(table, (*where, "drain_timeout"), 10.0)
+    max_in_flight = table.get("max_in_flight", 8)
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        ctx.wrong_type((*where, "max_in_flight"), "a whole number >= 1", max_in_flight)
+    stuck = ctx.duration(table, (*where, "stuck_timeout"), 5.0)
     return GroupSpec(
         name=name,
         app=app,
@@ -266,7 +319,21 @@ def _group(ctx: _Context, name: str, table: dict[str, Any]) -> GroupSpec:
         watch=watch,
         restart=restart,
         drain_timeout=10.0 if drain is None else drain,
+        max_in_flight=max_in_flight,
+        stuck_timeout=stuck or None,
     )
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1, localhost."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def module_file(root: Path, module: str) -> Path | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -18,7 +19,7 @@ from anyserve.control import ControlServer, request, socket_path
 from anyserve.errors import AnyServeError, BadRequest, NotReachable
 from anyserve.logs import Event, LogFiles, Printer, follow, log_names, tail
 from anyserve.process import Child
-from anyserve.supervisor import RestartPolicy, _changed_groups
+from anyserve.supervisor import RestartPolicy, _changed_groups, token_file, token_plan
 from anyserve.topology import loads
 from tests.apps.up_support import (
     api_url,
@@ -38,8 +39,9 @@ from tests.conftest import Procs, wait_until
 
 def test_crash_backoff_crash_loop_and_sigkill_of_up(procs: Procs, tmp_path: Path) -> None:
     """A crashed replica restarts with growing delays; an always-failing one reaches the
-    crash-loop state with its exit code and stderr while the rest keep serving; after a
-    SIGKILL of `up` no child outlives it by 2 s."""
+    crash-loop state with its exit code and stderr while the rest keep serving; a stopped
+    replica shows as unhealthy and is restarted once it stays stuck; after a SIGKILL of
+    `up` no child outlives it by 2 s."""
     write_app(tmp_path)
     topology = write_topology(
         tmp_path,
@@ -47,6 +49,7 @@ def test_crash_backoff_crash_loop_and_sigkill_of_up(procs: Procs, tmp_path: Path
         [replicas.echo]
         app = "upapp.echo:app"
         drain_timeout = 1
+        stuck_timeout = "2s"
 
         [replicas.bad]
         app = "upapp.broken:app"
@@ -98,6 +101,33 @@ def test_crash_backoff_crash_loop_and_sigkill_of_up(procs: Procs, tmp_path: Path
         what="echo.0 ready again",
     )
     assert again["restarts"] == 1 and again["pid"] != echo["pid"]
+
+    # A stopped replica (as good as a blocked event loop) is unhealthy, then killed and
+    # restarted once it has not answered ServerReady for its stuck_timeout.
+    os.kill(again["pid"], signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: (r := process(tmp_path, "echo.0")) and r["state"] == "unhealthy",
+            timeout=4,
+            what="echo.0 unhealthy",
+        )
+        restarted = wait_until(
+            lambda: (r := process(tmp_path, "echo.0")) and r["pid"] != again["pid"] and r,
+            timeout=6,
+            interval=0.02,
+            what="stuck echo.0 killed",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(again["pid"], signal.SIGCONT)
+    assert "stuck (no answer to ServerReady for 2." in restarted["message"], restarted
+    assert not _not_zombie(again["pid"])
+    wait_until(
+        lambda: (r := process(tmp_path, "echo.0")) and r["state"] == "ready" and r,
+        timeout=20,
+        what="echo.0 ready after the stuck restart",
+    )
+    assert "echo.0 | [anyserve] stuck: no answer to ServerReady" in up.output()
 
     # SIGKILL of `up`: nobody left to stop the children; they must die with it.
     children = [p["pid"] for p in snapshot(tmp_path)["processes"] if p["pid"]]
@@ -245,3 +275,36 @@ def test_long_state_dir_moves_the_socket_to_tmp(tmp_path: Path) -> None:
     deep = tmp_path / ("x" * 120) / ".anyserve"
     path = socket_path(deep)
     assert len(str(path)) < 100 and path == socket_path(deep)
+
+
+# ---------------------------------------------------------------------------- the token
+
+
+def test_token_comes_from_the_file_the_environment_or_is_created(tmp_path: Path) -> None:
+    def plan(api: str, env: dict[str, str], insecure: bool = False) -> tuple[str | None, bool]:
+        (tmp_path / "anyserve.toml").write_text(f"[api_server]\n{api}\n")
+        topo = loads(f"[api_server]\n{api}\n", tmp_path / "anyserve.toml")
+        return token_plan(topo, insecure=insecure, env=env)
+
+    configured = 'token = "from-the-file-0123456789"'
+    assert plan(configured, {"ANYSERVE_TOKEN": "env"}) == ("from-the-file-0123456789", False)
+    assert plan('host = "127.0.0.1"', {"ANYSERVE_TOKEN": "env"}) == ("env", False)
+    assert plan('host = "127.0.0.1"', {}) == (None, False)  # loopback: no token needed
+    assert plan('host = "0.0.0.0"', {}) == (None, True)  # beyond loopback: `up` makes one
+    assert plan('host = "0.0.0.0"', {}, insecure=True) == (None, False)
+    assert plan('host = "0.0.0.0"\ntoken = false', {}, insecure=True) == (None, False)
+    assert plan("token = false", {"ANYSERVE_TOKEN": "env"}) == (None, False)
+    with pytest.raises(AnyServeError, match=r"anyserve.toml:3: api_server.token: false leaves"):
+        plan('host = "0.0.0.0"\ntoken = false', {})
+
+
+def test_a_created_token_is_private_and_reused(tmp_path: Path) -> None:
+    state = tmp_path / ".anyserve"
+    token = token_file(state)
+    assert len(token) >= 32
+    assert (state / "token").stat().st_mode & 0o777 == 0o600
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert token_file(state) == token  # the next `up` keeps the clients' token working
+    (state / "token").chmod(0o644)
+    with pytest.raises(AnyServeError, match="not a private file"):
+        token_file(state)

@@ -38,6 +38,8 @@ def test_the_demo_topology_loads() -> None:
     assert chat.count == 1 and chat.restart == "always"
     assert chat.watch == (ROOT / "examples" / "mvp_demo",)  # the app's package folder
     assert topo.group("stream").port is None
+    assert chat.max_in_flight == 8 and chat.stuck_timeout == 5.0  # the defaults
+    assert topo.api_server.token is None and topo.api_server.loopback
     with pytest.raises(dataclasses.FrozenInstanceError):
         topo.groups[0].count = 3  # type: ignore[misc]
 
@@ -52,6 +54,8 @@ def test_every_key(tmp_path: Path) -> None:
         port = 9000
         lease_ttl = "3s"
         heartbeat_interval = 0.5
+        token = "0123456789abcdef-token"
+        auth = "all"
 
         [objects]
         path = "objs"
@@ -67,16 +71,21 @@ def test_every_key(tmp_path: Path) -> None:
         watch = ["src"]
         restart = "on-failure"
         drain_timeout = "5s"
+        max_in_flight = 2
+        stuck_timeout = "10s"
         """,
     )
     assert topo.api_server.url == "http://127.0.0.1:9000"
     assert topo.api_server.lease_ttl == 3.0 and topo.api_server.heartbeat_interval == 0.5
+    assert topo.api_server.token == "0123456789abcdef-token" and topo.api_server.auth == "all"
+    assert not topo.api_server.loopback
     assert topo.objects.path == tmp_path / "objs" and topo.objects.ttl == 1800
     assert topo.objects.allow_pickle
     chat = topo.group("chat")
     assert chat.env_dict == {"LOG_LEVEL": "debug", "WORKERS": "4"}
     assert chat.watch == (tmp_path / "src",) and chat.restart == "on-failure"
     assert chat.drain_timeout == 5.0
+    assert chat.max_in_flight == 2 and chat.stuck_timeout == 10.0
     assert [chat.port_for(i) for i in range(3)] == [50100, None, None]
     assert topo.state_dir == tmp_path / ".anyserve"
 
@@ -123,12 +132,49 @@ def test_every_key(tmp_path: Path) -> None:
             "anyserve.toml:5: replicas.chat.port: port 9000 is already used by api_server.port",
         ),
         ("[replicas.chat\n", "anyserve.toml: invalid TOML"),
+        (
+            '[replicas.chat]\napp = "a:b"\nmax_in_flight = 0\n',
+            "anyserve.toml:3: replicas.chat.max_in_flight: expected a whole number >= 1, got 0",
+        ),
+        (
+            '[replicas.chat]\napp = "a:b"\nmax_in_flight = 2.5\n',
+            "replicas.chat.max_in_flight: expected a whole number >= 1, got 2.5 (number)",
+        ),
+        (
+            '[replicas.chat]\napp = "a:b"\nstuck_timeout = "a while"\n',
+            "chat.stuck_timeout: expected",
+        ),
+        (  # a short token is refused, and the message does not repeat it
+            '[api_server]\ntoken = "secret"\n',
+            "anyserve.toml:2: api_server.token: expected at least 16 visible characters",
+        ),
+        ("[api_server]\ntoken = 12\n", "api_server.token: expected at least 16"),
+        ('[api_server]\nauth = "some"\n', "api_server.auth: expected one of writes, all"),
     ],
 )
 def test_errors_name_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
     message = _error(tmp_path, text)
     assert expected in message, message
     assert "anyserve.toml" in message
+
+
+def test_token_false_and_stuck_timeout_zero_turn_things_off(tmp_path: Path) -> None:
+    topo = _load(
+        tmp_path,
+        """
+        [api_server]
+        host = "::1"
+        token = false
+
+        [replicas.chat]
+        app = "a:b"
+        stuck_timeout = 0
+        """,
+    )
+    assert topo.api_server.token is None and topo.api_server.token_off
+    assert topo.api_server.loopback and topo.api_server.url.startswith("http://[::1]:")
+    assert topo.group("chat").stuck_timeout is None
+    assert "hunter2" not in _error(tmp_path, '[api_server]\ntoken = "hunter2"\n')
 
 
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
@@ -204,3 +250,26 @@ def test_control_commands_without_a_running_up_fail_cleanly(tmp_path: Path) -> N
         assert "Traceback" not in result.stderr
     bad = cli("scale", "chat", cwd=tmp_path)
     assert bad.returncode == 2 and "NAME=N" in bad.stderr
+
+
+def test_a_non_loopback_api_server_needs_a_token_or_insecure(tmp_path: Path) -> None:
+    write_app(tmp_path)
+    toml = tmp_path / "anyserve.toml"
+    toml.write_text('[api_server]\nhost = "0.0.0.0"\n\n[replicas.echo]\napp = "upapp.echo:app"\n')
+    shown = cli("up", "--dry-run", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"token created in {tmp_path / '.anyserve' / 'token'}" in shown.stdout
+    assert "max in flight 8" in shown.stdout
+    assert not (tmp_path / ".anyserve").exists()  # a dry run creates nothing
+
+    toml.write_text(toml.read_text().replace('"0.0.0.0"\n', '"0.0.0.0"\ntoken = false\n'))
+    for args in (["up", "--no-tui"], ["up", "--dry-run"]):
+        refused = cli(*args, cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "anyserve.toml:3: api_server.token: false leaves" in lines[0]
+        assert "--insecure" in lines[0]
+    assert not (tmp_path / ".anyserve").exists()
+    assert leftovers(str(tmp_path)) == []
+    allowed = cli("up", "--dry-run", "--insecure", cwd=tmp_path)
+    assert allowed.returncode == 0 and "no token" in allowed.stdout

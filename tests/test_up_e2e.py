@@ -296,3 +296,51 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_the_token_reaches_every_child_and_never_a_command_line(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """With `[api_server] token`, registration needs it: the replicas `up` starts register
+    (they got it), a stranger's registration is refused, a rolling restart still
+    unregisters through the API server, and no command line shows the token."""
+    token = "t0ken-for-the-up-e2e-test"
+    write_app(tmp_path)
+    topology = write_topology(
+        tmp_path,
+        """
+        [replicas.echo]
+        app = "upapp.echo:app"
+        drain_timeout = 2
+        max_in_flight = 3
+        """,
+    )
+    topology.write_text(
+        topology.read_text().replace("[objects]", f'token = "{token}"\n\n[objects]')
+    )
+    url = api_url(topology)
+    up = procs.start(up_args(topology), name="up", cwd=tmp_path, env={"ANYSERVE_TOKEN": ""})
+    first = wait_until(lambda: registered(url, "echo-0-"), timeout=20, what="echo registered")
+    assert first[0]["max_in_flight"] == 3
+
+    stranger = {"replica_id": "intruder", "endpoint": "127.0.0.1:1", "capabilities": [{}]}
+    assert httpx.post(url + "/register", json=stranger, timeout=5).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-token-at-all"}
+    assert httpx.post(url + "/register", json=stranger, headers=wrong, timeout=5).status_code == 401
+    assert [r["replica_id"] for r in registered(url, "")] == [first[0]["replica_id"]]
+    with httpx.Client() as client:
+        assert infer(client, url) == "v1"
+
+    # The supervisor's own unregister (a rolling restart) carries the token too.
+    assert cli("restart", "echo", "-c", str(topology), cwd=tmp_path).returncode == 0
+    wait_until(
+        lambda: (r := registered(url, "echo-0-")) and r[0]["replica_id"] != first[0]["replica_id"],
+        timeout=20,
+        what="echo replaced",
+    )
+    assert "could not unregister" not in up.output()
+    for row in snapshot(tmp_path)["processes"]:
+        assert token not in " ".join(psutil.Process(row["pid"]).cmdline())
+    up.popen.send_signal(signal.SIGINT)
+    assert up.popen.wait(timeout=20) == 130
+    assert token not in up.output()

@@ -141,8 +141,8 @@ def test_stats_and_metrics(cluster: Cluster) -> None:
     assert {r["replica_id"] for r in stats["replicas"]} >= {"slow-a", "slow-b"}
     metrics = httpx.get(cluster.api.url + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    assert "# TYPE anyserve_requests_total counter" in metrics.text
-    assert 'anyserve_requests_total{replica="chat"}' in metrics.text
+    assert "# TYPE anyserve_replica_requests_total counter" in metrics.text
+    assert 'anyserve_replica_requests_total{replica="chat"}' in metrics.text
     assert "anyserve_replicas 5" in metrics.text
 
 

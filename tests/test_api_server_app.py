@@ -86,7 +86,7 @@ def test_metrics_text() -> None:
     registry.begin(choice)
     registry.finish(choice, 12.5, ok=False)
     text = request(registry, "GET", "/metrics").text
-    assert 'anyserve_requests_total{replica="a"} 1' in text
+    assert 'anyserve_replica_requests_total{replica="a"} 1' in text
     assert 'anyserve_errors_total{replica="a"} 1' in text
     assert 'anyserve_in_flight{replica="a"} 0' in text
     assert 'anyserve_request_latency_ms{replica="a",quantile="0.99"} 12.5' in text

@@ -180,6 +180,11 @@ class Phase:
     def _with_cpu(self, out: dict[str, Any], count: int, key: str) -> dict[str, Any]:
         if "api" in self.cpu:
             out[key] = round(self.cpu["api"] * 1000 / count, 4) if count else math.nan
+        # CPU milliseconds per request (or event) of each process.
+        out["cpu_ms"] = {
+            name: round(seconds * 1000 / count, 4) if count else math.nan
+            for name, seconds in self.cpu.items()
+        }
         # CPU seconds per wall second: 1.0 is one core kept busy; shows who was saturated.
         out["busy"] = {
             name: round(seconds / self.seconds, 2) if self.seconds else math.nan

@@ -47,6 +47,7 @@ def unary_table(results: dict[str, Any]) -> Table:
     table = Table(title="Unary echo (closed loop; busy = CPU s per s of api/replica/client)")
     for column in ("route", "conc", "req/s", "p50 ms", "p99 ms", "x direct", "+p50 ms"):
         table.add_column(column, justify="left" if column == "route" else "right")
+    table.add_column("x direct\n(CPU model)", justify="right")
     table.add_column("API CPU ms/req", justify="right")
     table.add_column("busy", justify="left")
     unary, ratios = results["unary"], results["ratios"]
@@ -55,6 +56,7 @@ def unary_table(results: dict[str, Any]) -> Table:
             f = unary[route][concurrency]
             ratio = ratios[concurrency].get(f"{route}_over_direct_rps")
             added = ratios[concurrency].get(f"{route}_added_p50_ms")
+            model = ratios[concurrency].get(f"{route}_over_direct_cpu_model")
             name = ROUTE_NAMES[route] + (" *" if f.get("client_bound") else "")
             table.add_row(
                 name,
@@ -64,12 +66,14 @@ def unary_table(results: dict[str, Any]) -> Table:
                 _n(f["p99_ms"], 2),
                 _n(ratio, 2) if ratio is not None else "1",
                 _n(added, 2) if added is not None else "",
+                _n(model, 2) if model is not None else "",
                 _n(f.get("cpu_ms_per_request"), 3),
                 _busy(f),
             )
         table.add_section()
     table.caption = (
-        "* within 80% of the client's own ceiling (or the client was busy): generator-bound"
+        "* within 80% of the client's own ceiling (or the client was busy): generator-bound. "
+        "CPU model: the req/s ratio if CPU per request were the only limit (idle machine)."
     )
     return table
 

@@ -146,7 +146,7 @@ async def _load_sections(
 
     results["ceiling"] = await ceiling.measure(api, replica, trivial_port, settings)
     results["unary"] = await unary.measure(api, replica, settings)
-    results["ratios"] = unary.ratios(results["unary"])
+    results["ratios"] = unary.ratios(results["unary"], os.cpu_count() or 1)
     ceiling.mark_client_bound(results["unary"], results["ceiling"])
     results["streaming"] = await streaming.measure(api, replica, settings)
     if profile_dir is not None:

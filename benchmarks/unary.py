@@ -6,6 +6,7 @@ one after the other, so drift on a shared machine touches all three alike.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -178,8 +179,9 @@ async def measure(api: ApiServer, replica: Replica, settings: Settings) -> dict[
     return out
 
 
-def ratios(unary: dict[str, Any]) -> dict[str, Any]:
-    """Per concurrency: json/direct and proto/direct req/s, and p50 ms added over direct."""
+def ratios(unary: dict[str, Any], cores: int) -> dict[str, Any]:
+    """Per concurrency: json/direct and proto/direct req/s, p50 ms added over direct, and
+    the same req/s ratio predicted from CPU per request alone (see :func:`cpu_capacity`)."""
     out: dict[str, Any] = {}
     for concurrency, direct in unary["grpc"].items():
         row: dict[str, float] = {}
@@ -187,5 +189,24 @@ def ratios(unary: dict[str, Any]) -> dict[str, Any]:
             figures = unary[route][concurrency]
             row[f"{route}_over_direct_rps"] = round(figures["rps"] / direct["rps"], 3)
             row[f"{route}_added_p50_ms"] = round(figures["p50_ms"] - direct["p50_ms"], 3)
+            mine = cpu_capacity(figures.get("cpu_ms", {}), ("api", "replica"), cores)
+            theirs = cpu_capacity(direct.get("cpu_ms", {}), ("replica",), cores)
+            row[f"{route}_over_direct_cpu_model"] = round(mine / theirs, 3)
         out[concurrency] = row
     return out
+
+
+def cpu_capacity(cpu_ms: dict[str, float], processes: tuple[str, ...], cores: int) -> float:
+    """Requests/s the server processes could do if CPU were the only limit.
+
+    Each process runs one event loop, so it gets at most one core; together they get at
+    most ``cores``. On a machine shared with other work, measured req/s falls below this,
+    and falls more for a route with two hops than for one: the model says what the same
+    code would do on an idle machine, which a noisy measurement cannot.
+    """
+    costs = [cpu_ms.get(name, math.nan) for name in processes]
+    if any(not (c > 0) for c in costs):
+        return math.nan
+    limits = [1000 / c for c in costs]
+    limits.append(cores * 1000 / sum(costs))
+    return min(limits)

@@ -31,6 +31,7 @@ def figure_paths() -> list[tuple[str, ...]]:
             paths.append(("unary", route, c, "cpu_ms_per_request"))
             paths.append(("ratios", c, f"{route}_over_direct_rps"))
             paths.append(("ratios", c, f"{route}_added_p50_ms"))
+            paths.append(("ratios", c, f"{route}_over_direct_cpu_model"))
         for endpoint in ("http_trivial", "api_health", "grpc_live"):
             paths.append(("ceiling", endpoint, c, "rps"))
     for n in STREAMS:

@@ -502,6 +502,11 @@ class Replica:
             )
             log.error("request %s: %s", ctx.request_id, message)
             raise AnyServeError(message)
+        if request.raw_input_contents:
+            # Triton's clients send raw tensors and read raw outputs back (as Triton answers).
+            from anyserve.kserve import with_raw_outputs
+
+            response = with_raw_outputs(response)
         log.info(
             "request %s %s ok %.1fms",
             ctx.request_id,
@@ -539,8 +544,13 @@ class Replica:
         context.add_done_callback(lambda _ctx: stream.cancel())
         task = asyncio.ensure_future(self._produce(handler, request, ctx, stream))
         self._in_flight += 1
+        raw = bool(request.raw_input_contents)
         try:
             async for message in stream.messages():
+                if raw and message.HasField("infer_response"):
+                    from anyserve.kserve import with_raw_outputs
+
+                    message.infer_response.CopyFrom(with_raw_outputs(message.infer_response))
                 yield message
             await task
         finally:

@@ -1037,6 +1037,9 @@ async def stats(request: Request) -> Response:
             "uptime_s": round(time.time() - gateway.started, 3),
             **gateway.registry.totals(),
             "open_streams": len(gateway.streams),
+            # Requests waiting for a free replica, and retries in progress.
+            "waiting": gateway.registry.waiting,
+            "retrying": gateway.retrying,
             "lease_ttl": gateway.config.lease_ttl,
             "heartbeat_interval": gateway.config.heartbeat_interval,
             "replicas": replicas,

@@ -1347,9 +1347,9 @@ def error_headers(exc: AnyServeError) -> dict[str, str] | None:
         return {"Retry-After": str(max(1, math.ceil(retry_after)))}
     if exc.status == 401:
         return {"WWW-Authenticate": _CHALLENGE}
-    if exc.status == 413:
-        # The rest of the body is not wanted; reading it to keep the connection is waste.
-        return {"Connection": "close"}
+    # (A 413 keeps the connection: closing it with the body unread would make the kernel
+    # reset it, and the client would see the reset instead of the answer. The rest of the
+    # body is read and dropped, within the request head timeout.)
     return None
 
 
@@ -1426,7 +1426,6 @@ class Guard:
                     path,
                     413,
                     f"the request body is {int(length)} bytes; the limit is {limit} bytes",
-                    {"Connection": "close"},
                 )
         return None
 

@@ -46,7 +46,7 @@ class Settings:
             warmup=0.1,
             max_requests=60,
             ceiling_duration=duration or 0.3,
-            object_reps=((1024, 20), (1 << 20, 3), (64 << 20, 1)),
+            object_reps=((1024, 20), (1 << 20, 3), (64 << 20, 2)),
             http_object_reps=1,
             help_reps=1,
             reloads=1,

@@ -4,7 +4,7 @@
 and echo replica on free ports, measures unary and streaming requests through the HTTP
 routes and straight over gRPC, the API server's CPU per request, the object store, start-up
 and reload times, and the load generator's own ceiling, then prints a table with each
-budget of issue 7 marked PASS or MISS and writes the figures to a JSON file.
+performance budget marked PASS or MISS and writes the figures to a JSON file.
 
 Modules, in the order a run uses them:
 

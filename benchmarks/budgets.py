@@ -1,4 +1,4 @@
-"""The budgets of issue 7, each read from the results and marked PASS, MISS or n/a."""
+"""AnyServe's performance budgets, each read from the results and marked PASS, MISS or n/a."""
 
 from __future__ import annotations
 

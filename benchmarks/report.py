@@ -183,7 +183,7 @@ def ceiling_table(results: dict[str, Any]) -> Table:
 
 
 def budgets_table(results: dict[str, Any]) -> Table:
-    table = Table(title="Budgets (issue 7)")
+    table = Table(title="Budgets")
     for column in ("budget", "value", "target", "status"):
         table.add_column(column, justify="left" if column == "budget" else "right")
     styles = {"PASS": "green", "MISS": "bold red", "n/a": "yellow"}

@@ -718,4 +718,9 @@ def run(config: ReplicaConfig) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = load_app(config.app)
     replica = Replica(config, app)
-    asyncio.run(replica.serve())
+    try:  # uvloop spends about 15 % less CPU per request than the stdlib loop
+        import uvloop
+    except ImportError:
+        asyncio.run(replica.serve())
+    else:
+        uvloop.run(replica.serve())

@@ -398,6 +398,7 @@ class Replica:
         self._registered = False
         self._stop = asyncio.Event()
         self._in_flight = 0
+        self._resolved: dict[tuple[str, bool], tuple[Handler | None, dict[str, str]]] = {}
 
     # Handler resolution ---------------------------------------------------------
 
@@ -421,15 +422,27 @@ class Replica:
     ) -> tuple[Handler | None, dict[str, str]]:
         raw = metadata.get("anyserve-capability")
         if raw:
+            # The API server sends the same few capabilities over and over: parse each once.
+            cached = self._resolved.get((raw, stream))
+            if cached is not None:
+                return cached
             try:
                 query = {str(k): as_text(v) for k, v in json.loads(raw).items()}
             except (ValueError, AttributeError):
                 query = {}
             if query:
-                for handler in self.app.handlers:
-                    if handler.capability.stream == stream and handler.capability.equals(query):
-                        return handler, query
-                return self.app.find_handler(query, stream=stream), query
+                found = next(
+                    (
+                        h
+                        for h in self.app.handlers
+                        if h.capability.stream == stream and h.capability.equals(query)
+                    ),
+                    None,
+                ) or self.app.find_handler(query, stream=stream)
+                if len(self._resolved) >= 1024:
+                    self._resolved.clear()
+                self._resolved[(raw, stream)] = (found, query)
+                return found, query
         query = {"type": request.model_name} if request.model_name else {}
         if request.model_version:
             query["model"] = request.model_version

@@ -1664,7 +1664,22 @@ def _protocol_class() -> type[Any]:
                 self.head_since = now
             super().data_received(data)
 
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn answers a request it cannot parse in plain text; every other error
+            # from this server is JSON, so clients need only one way to read them.
+            body = b'{"detail": "%s: the request is not valid HTTP/1.1"}' % msg.encode(
+                "ascii", "replace"
+            ).replace(b'"', b"'")
+            self.transport.write(_BAD_REQUEST % (len(body), body))
+            self.transport.close()
+
     return Protocol
+
+
+_BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
 
 
 _REQUEST_TIMEOUT = (

@@ -32,6 +32,8 @@ from tests.conftest import (
 )
 
 LONG = os.environ.get("ANYSERVE_CHAOS", "").strip().lower() == "long"
+#: Per-scenario limit (pytest-timeout): the short ones take seconds, the long ones minutes.
+TIMEOUT = 300 if LONG else 120
 CHAOS_APP = "tests.apps.chaos_app:app"
 BROKEN_APP = "tests.apps.chaos_broken:app"
 

@@ -14,11 +14,11 @@ import pytest
 
 from anyserve.errors import AnyServeError
 from tests.apps.up_support import registered, snapshot
-from tests.chaos.conftest import BROKEN_APP, CHAOS_APP, Chaos, seconds
+from tests.chaos.conftest import BROKEN_APP, CHAOS_APP, TIMEOUT, Chaos, seconds
 from tests.chaos.load import Conn, Tally, closed_loop, infer_body, percentile
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT)]
 
 WORK = {"X-Capability-Type": "work"}
 TOKENS = {"X-Capability-Type": "tokens"}

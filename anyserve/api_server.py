@@ -618,23 +618,27 @@ class Gateway:
         waiter = self.registry.enqueue(routing.query, stream, exclude, deliver)
         left = deadline - time.perf_counter()
         wait = min(self.config.queue_timeout, left)
-        what = format_query(routing.query)
-        error: AnyServeError = (
-            Overloaded(
-                f"every replica serving {what} stayed at its limit for "
-                f"{self.config.queue_timeout:g}s (the queue timeout); retry later, or add replicas"
-            )
-            if wait < left
-            else DeadlineExceeded(
-                f"no replica serving {what} was free within the request's {routing.timeout:g}s "
-                "(X-Request-Timeout)"
-            )
-        )
 
         def expire() -> None:
-            if not future.done():
-                self.registry.dequeue(waiter)
-                future.set_exception(error)
+            if future.done():
+                return
+            self.registry.dequeue(waiter)
+            what = format_query(routing.query)
+            if wait < left:
+                future.set_exception(
+                    Overloaded(
+                        f"every replica serving {what} stayed at its limit for "
+                        f"{self.config.queue_timeout:g}s (the queue timeout); retry later, "
+                        "or add replicas"
+                    )
+                )
+            else:
+                future.set_exception(
+                    DeadlineExceeded(
+                        f"no replica serving {what} was free within the request's "
+                        f"{routing.timeout:g}s (X-Request-Timeout)"
+                    )
+                )
 
         timer = loop.call_later(max(0.0, wait), expire)
         try:

@@ -708,9 +708,13 @@ class Gateway:
             )
 
     @staticmethod
-    async def _back_off(routing: Routing, deadline: float, exc: grpc.aio.AioRpcError) -> None:
-        """The jittered pause before a retry; the error itself if the deadline is too near."""
-        pause = random.uniform(0.0, min(RETRY_CAP, RETRY_BASE))
+    async def _back_off(
+        routing: Routing, deadline: float, exc: grpc.aio.AioRpcError, attempt: int = 1
+    ) -> None:
+        """The pause before retry number ``attempt``: random up to ``RETRY_BASE`` doubled per
+        attempt, capped (full jitter, so that retries of many requests spread out); the
+        error itself when the request's deadline would pass first."""
+        pause = random.uniform(0.0, min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1)))
         if time.perf_counter() + pause >= deadline:
             raise DeadlineExceeded(
                 f"replica failed ({exc.code().name}: {exc.details()}) and no time was left "

@@ -414,8 +414,10 @@ class OpenStream:
         self.shutting_down = False
         #: Why the API server itself ended the stream (shutdown, idle), told to the client.
         self.ended_by: AnyServeError | None = None
-        #: ``time.monotonic()`` of the last message (or of the start): the idle timeout's.
-        self.last_message = time.monotonic()
+        #: ``time.monotonic()`` of the last message (or of the start), for the idle timeout;
+        #: infinity (never idle) until the relay sets it, as only a relay that updates it
+        #: for every message can be judged by it.
+        self.last_message = math.inf
         self._gateway = gateway
         self._started = time.perf_counter()
         self._finished = False
@@ -802,6 +804,7 @@ class Gateway:
                     request, metadata=routing.metadata(choice), timeout=left
                 )
                 stream = OpenStream(call, choice, self)
+                stream.last_message = time.monotonic()
                 self.streams.add(stream)
                 try:
                     first = await _first_message(call, client_gone)

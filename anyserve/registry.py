@@ -364,6 +364,8 @@ class ReplicaRecord:
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     #: False while it fails the API server's health checks; out of rotation meanwhile.
     healthy: bool = True
+    #: ``clock`` time of the first failed check in the current run of failures.
+    unhealthy_since: float = 0.0
     #: ``clock`` time until which it is out of rotation after a failure (passive ejection),
     #: and when that ejection started.
     ejected_until: float = 0.0
@@ -670,6 +672,8 @@ class Registry:
             if record.ejected_until > now and record.ejected_at < since:
                 record.ejected_until = 0.0
         else:
+            if record.healthy:
+                record.unhealthy_since = now
             record.healthy = False
             record.problem = problem
         after = record.usable(now)
@@ -941,6 +945,8 @@ class Registry:
             "state": state,
             "problem": record.problem if state in ("unhealthy", "ejected") else None,
             "ejected_for": round(max(0.0, record.ejected_until - now), 3),
+            # How long it has failed health checks: a supervisor restarts it past a limit.
+            "unhealthy_for": 0.0 if record.healthy else round(now - record.unhealthy_since, 3),
             "in_flight": stats.in_flight,
             "max_in_flight": record.max_in_flight,
             "requests": stats.requests,

@@ -114,9 +114,14 @@ def test_health_checks_take_replicas_out_and_bring_them_back(
         assert record is not None
         assert registry.set_health(record, False, "no answer to ServerReady within 0.5s")
     assert {registry.choose({"type": "chat"}).replica_id for _ in range(4)} == {"d"}
+    clock.advance(2.5)
+    a = records["a"]
+    assert a is not None
+    registry.set_health(a, False, "no answer to ServerReady within 0.5s")  # still failing
     entry = {e["replica_id"]: e for e in registry.snapshot()}["a"]
     assert entry["state"] == "unhealthy"
     assert entry["problem"] == "no answer to ServerReady within 0.5s"
+    assert entry["unhealthy_for"] == 2.5
     d = records["d"]
     assert d is not None
     # Health checks are the truth: a stuck replica is out even if it was the last one.

@@ -1843,11 +1843,13 @@ def _whole(text: str) -> int:
     return value
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ApiServerConfig:
-    """The command line of ``python -m anyserve.api_server``."""
+def parse_args(
+    argv: Sequence[str] | None = None, prog: str = "python -m anyserve.api_server"
+) -> ApiServerConfig:
+    """The command line of ``python -m anyserve.api_server`` (and ``anyserve api-server``)."""
     defaults = ApiServerConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m anyserve.api_server",
+        prog=prog,
         description="AnyServe API server: registry, capability routing, objects over HTTP.",
     )
     for flag, kind, help_text in (
@@ -1897,9 +1899,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ApiServerConfig:
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m anyserve.api_server") -> None:
     """``python -m anyserve.api_server [--host H] [--port P] ...``."""
-    run(parse_args(argv))
+    run(parse_args(argv, prog))
 
 
 if __name__ == "__main__":

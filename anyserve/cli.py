@@ -98,62 +98,20 @@ def replica(
 # ---------------------------------------------------------------------- api-server
 
 
-class LogLevel(str, Enum):
-    critical = "critical"
-    error = "error"
-    warning = "warning"
-    info = "info"
-    debug = "debug"
+@app.command(
+    "api-server",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def api_server(ctx: typer.Context) -> None:
+    """Run the API server: registry, capability routing, JSON/SSE/v2 inference, objects.
 
+    Takes the options of `python -m anyserve.api_server` (see `anyserve api-server --help`):
+    --host, --port, --lease-ttl, --heartbeat-interval, --object-store, --token, ...
+    """
+    from anyserve.api_server import main as serve
 
-_SECONDS = {"min": 0.001}
-
-
-@app.command("api-server")
-def api_server(
-    host: Annotated[str, typer.Option(help="Address to bind the HTTP server to.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
-    lease_ttl: Annotated[
-        float,
-        typer.Option(**_SECONDS, help="Seconds without a heartbeat before a replica is evicted."),
-    ] = 8.0,
-    heartbeat_interval: Annotated[
-        float,
-        typer.Option(**_SECONDS, help="Seconds between replica heartbeats (sent to replicas)."),
-    ] = 2.0,
-    object_store: Annotated[
-        Path, typer.Option(help="Object store directory served at /objects.")
-    ] = Path("/tmp/anyserve-objects"),
-    request_timeout: Annotated[
-        float,
-        typer.Option(**_SECONDS, help="Default request deadline in seconds (X-Request-Timeout)."),
-    ] = 60.0,
-    max_object_size: Annotated[
-        str, typer.Option(help="Largest upload to POST /objects, e.g. 500M or 2G.")
-    ] = "1G",
-    log_level: Annotated[LogLevel, typer.Option(help="Log verbosity.")] = LogLevel.info,
-) -> None:
-    """Run the API server: registry, capability routing, JSON/SSE inference, objects."""
-    import argparse
-
-    from anyserve.api_server import ApiServerConfig, parse_size, run
-
-    try:
-        max_size = parse_size(max_object_size)
-    except argparse.ArgumentTypeError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--max-object-size") from None
-    run(
-        ApiServerConfig(
-            host=host,
-            port=port,
-            lease_ttl=lease_ttl,
-            heartbeat_interval=heartbeat_interval,
-            object_store=object_store,
-            request_timeout=request_timeout,
-            log_level=log_level.value,
-            max_object_size=max_size,
-        )
-    )
+    serve(ctx.args, prog="anyserve api-server")
 
 
 # --------------------------------------------------------------------------- end api-server

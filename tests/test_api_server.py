@@ -653,3 +653,24 @@ def test_port_in_use_exits_non_zero(procs: Procs, api_server: ApiServer) -> None
         [PY, "-m", "anyserve.api_server", "--port", str(api_server.port)], name="dup"
     )
     assert proc.popen.wait(timeout=15) != 0
+
+
+def test_anyserve_api_server_takes_the_module_options() -> None:
+    import subprocess
+
+    help_text = subprocess.run(
+        [PY, "-m", "anyserve", "api-server", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert help_text.returncode == 0
+    assert help_text.stdout.startswith("usage: anyserve api-server")
+    for flag in ("--token", "--grpc-port", "--max-body-size", "--lease-ttl", "--object-store"):
+        assert flag in help_text.stdout, flag
+    bad = subprocess.run(
+        [PY, "-m", "anyserve", "api-server", "--port", "abc"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "invalid int value: 'abc'" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -727,7 +727,12 @@ class Supervisor:
         now = self.clock()
         for pid, ok in answers.items():
             proc = self._by_child.get(pid)
-            if proc is None or proc.child is None or proc.state not in ("ready", "unhealthy"):
+            if (
+                proc is None
+                or proc.child is None
+                or proc.stuck_for is not None  # already killed; its exit is on the way
+                or proc.state not in ("ready", "unhealthy")
+            ):
                 continue
             if ok:
                 if proc.state == "unhealthy":

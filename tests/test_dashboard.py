@@ -60,6 +60,16 @@ def _snapshot() -> Snapshot:
                 message="killed by SIGKILL",
             ),
             ProcessView(
+                "embed.0",
+                "embed",
+                "replica",
+                "unhealthy",
+                pid=102,
+                port=50052,
+                uptime=90,
+                message="no answer to ServerReady for 3.0s",
+            ),
+            ProcessView(
                 "bad.0",
                 "bad",
                 "replica",
@@ -119,6 +129,9 @@ def test_dashboard_shows_processes_replicas_events_and_logs() -> None:
     assert "bad.0: exited with code 1: RuntimeError: boom; next try in 12.0s" in text
     assert "Traceback (most recent call last):" in text  # the crash loop's last stderr lines
     assert "chat.1: killed by SIGKILL; next try in 0.8s" in text
+    stuck = next(line for line in text.splitlines() if line.startswith("embed.0 "))
+    assert "unhealthy" in stuck
+    assert "embed.0: no answer to ServerReady for 3.0s" in text
     assert "type=chat model=demo" in text and "type=chat (stream)" in text
     replica = next(line for line in text.splitlines() if line.startswith("chat-0-a1b2c3"))
     assert replica.split()[-5:] == ["3", "1234", "5", "4.2", "31.5"]

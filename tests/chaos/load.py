@@ -66,7 +66,13 @@ class Conn:
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is None or self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.reused = False
+        else:
+            self.reused = True
         return self._reader, self._writer
+
+    reused = False
+    """Whether the last request went out on a connection that had served one before."""
 
     async def send(
         self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
@@ -80,6 +86,7 @@ class Conn:
         await writer.drain()
         status_line = await reader.readuntil(b"\r\n")
         parts = status_line.split(b" ", 2)
+        self._before_reply = False
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
             raise ConnectionError(f"not an HTTP reply: {status_line!r}")
         found: dict[str, str] = {}
@@ -94,7 +101,26 @@ class Conn:
     async def request(
         self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
     ) -> Reply:
+        """Send a request and read the whole reply.
+
+        A kept-alive connection the server closed while it was idle fails before a single
+        byte of the reply; like any HTTP client, send again once on a new connection then.
+        """
+        try:
+            return await self._request(method, path, body, headers)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            stale = not isinstance(exc, asyncio.IncompleteReadError) or exc.partial == b""
+            if not (self.reused and stale and self._before_reply):
+                raise
+        return await self._request(method, path, body, headers)
+
+    _before_reply = False
+
+    async def _request(
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> Reply:
         started = time.monotonic()
+        self._before_reply = True
         try:
             reader, status, found = await self.send(method, path, body, headers)
             if "content-length" in found:

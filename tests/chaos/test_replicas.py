@@ -51,6 +51,17 @@ def test_r1_sigkill_one_of_two_replicas_under_load(chaos: Chaos) -> None:
     tally = Tally(keep_answers=True)
     killed_at = 0.0
 
+    seen: dict[str, float] = {}  # when the new work.0 was seen started, then registered
+
+    async def watch() -> None:
+        while "ready" not in seen and time.monotonic() < killed_at + 10:
+            row = await asyncio.to_thread(_row, chaos, "work.0")
+            if row["pid"] not in (None, victim["pid"]):
+                seen.setdefault("started", time.monotonic() - killed_at)
+                if row["state"] == "ready":
+                    seen["ready"] = time.monotonic() - killed_at
+            await asyncio.sleep(0.02)
+
     async def scenario() -> None:
         nonlocal killed_at
         load = asyncio.ensure_future(
@@ -59,6 +70,7 @@ def test_r1_sigkill_one_of_two_replicas_under_load(chaos: Chaos) -> None:
         await asyncio.sleep(duration / 3)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
+        await watch()
         await load
 
     asyncio.run(scenario())
@@ -73,7 +85,9 @@ def test_r1_sigkill_one_of_two_replicas_under_load(chaos: Chaos) -> None:
     failed = tally.not_ok
     chaos.report(
         f"R1: {tally.count(200)} passed, {failed} failed "
-        f"(killed replica answering again {back:.2f}s after SIGKILL; {duration:.0f}s, 50 clients)"
+        f"(killed replica answering again {back:.2f}s after SIGKILL: restarted at "
+        f"{seen.get('started', -1):.2f}s, registered at {seen.get('ready', -1):.2f}s; "
+        f"{duration:.0f}s, 50 clients)"
     )
     assert failed == 0, (tally.statuses, tally.failures[:5])
     assert back <= 2.0, f"the restarted replica answered only {back:.2f}s after the kill"

@@ -172,7 +172,7 @@ def parse_candidates(header: str) -> tuple[tuple[str, int | None], ...]:
 
 @dataclass(frozen=True)
 class InferResult:
-    """A ``/infer/json`` reply: the body in the seed's JSON shape and the routing headers."""
+    """A ``/infer/json`` reply: the body in the `/infer/json` JSON shape and the routing headers."""
 
     body: dict[str, Any]
     meta: ReplyMeta = field(default_factory=ReplyMeta)
@@ -514,7 +514,7 @@ def capability_headers(caps: Mapping[str, str]) -> dict[str, str]:
 
 
 def text_input(name: str, text: str) -> dict[str, Any]:
-    """A BYTES input holding one string, in the seed's JSON shape."""
+    """A BYTES input holding one string, in the `/infer/json` JSON shape."""
     return {
         "name": name,
         "datatype": "BYTES",

@@ -97,7 +97,7 @@ def _is_key(name: str) -> bool:
 class ObjRef:
     """A reference to a stored object: what replicas pass to each other.
 
-    ``str(ref)`` is the object's path (the form the seed passes between replicas as text),
+    ``str(ref)`` is the object's path (the form the demo apps pass between replicas as text),
     ``to_dict()``/``from_dict()`` the JSON form used over HTTP. A ref parsed from a bare
     path or key knows only those: ``size`` is ``-1``, ``content_type`` ``""`` and
     ``created_at`` ``0.0`` until :meth:`ObjectStore.stat` fills them in.

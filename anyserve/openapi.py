@@ -210,7 +210,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "InferRequest": {
         "type": "object",
-        "description": "The seed's JSON form of a ModelInferRequest.",
+        "description": "The JSON form of a ModelInferRequest (/infer/json, /infer/stream).",
         "properties": {
             "model_name": {"type": "string"},
             "model_version": {"type": "string"},
@@ -244,7 +244,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "InferResponse": {
         "type": "object",
-        "description": "The seed's JSON form of a ModelInferResponse.",
+        "description": "The JSON form of a ModelInferResponse.",
         "properties": {
             "model_name": {"type": "string"},
             "model_version": {"type": "string"},

@@ -344,3 +344,25 @@ def test_the_token_reaches_every_child_and_never_a_command_line(
     up.popen.send_signal(signal.SIGINT)
     assert up.popen.wait(timeout=20) == 130
     assert token not in up.output()
+
+
+def test_beyond_loopback_up_creates_a_token_and_hands_it_over(procs: Procs, tmp_path: Path) -> None:
+    """An API server on 0.0.0.0 with no token configured: `up` creates one in
+    .anyserve/token (0600), the replicas register with it, strangers cannot."""
+    write_app(tmp_path)
+    topology = write_topology(tmp_path, '[replicas.echo]\napp = "upapp.echo:app"\n')
+    topology.write_text(topology.read_text().replace('host = "127.0.0.1"', 'host = "0.0.0.0"'))
+    url = api_url(topology)
+    up = procs.start(up_args(topology), name="up", cwd=tmp_path, env={"ANYSERVE_TOKEN": ""})
+    wait_until(lambda: registered(url, "echo-0-"), timeout=20, what="echo registered")
+    token_path = tmp_path / ".anyserve" / "token"
+    assert token_path.stat().st_mode & 0o777 == 0o600
+    token = token_path.read_text().strip()
+    assert len(token) >= 32 and token not in up.output()
+    assert f"the token in {token_path}" in up.output()
+    stranger = {"replica_id": "intruder", "endpoint": "127.0.0.1:1", "capabilities": [{}]}
+    assert httpx.post(url + "/register", json=stranger, timeout=5).status_code == 401
+    with httpx.Client() as client:
+        assert infer(client, url) == "v1"
+    up.popen.send_signal(signal.SIGINT)
+    assert up.popen.wait(timeout=20) == 130

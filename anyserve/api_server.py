@@ -778,15 +778,27 @@ class Gateway:
         routing: Routing,
         client_gone: Callable[[], Awaitable[None]],
     ) -> EventStreamResponse:
-        """Start a stream on the least-loaded usable matching replica; the SSE response.
+        """Start a stream (:meth:`start_stream`); the SSE response relaying it."""
+        stream, first = await self.start_stream(request, routing, client_gone)
+        return EventStreamResponse(self._events(stream, first, routing), stream)
+
+    async def start_stream(
+        self,
+        request: pb.ModelInferRequest,
+        routing: Routing,
+        client_gone: Callable[[], Awaitable[None]],
+    ) -> tuple[OpenStream, Any]:
+        """Start a stream on the least-loaded usable matching replica; it and its first message.
 
         The first message is awaited here, so that a replica or handler that fails before
-        sending anything is an HTTP error status rather than a 200 carrying an error event;
+        sending anything is an error status rather than a reply carrying an error event;
         a replica that cannot be reached is replaced once, as for unary requests. Once a
         message was relayed the stream is never replayed: a failure is an error event.
-        ``client_gone`` returns when the HTTP client disconnects: the stream is then
+        ``client_gone`` returns when the client disconnects: the stream is then
         cancelled even though no reply has started yet. A stream has a deadline only when
-        the client sent X-Request-Timeout; otherwise the idle timeout bounds it.
+        the client set one (``timeout_given``); otherwise the idle timeout bounds it. The
+        relay must set ``last_message`` for every message it reads, and settle the stream
+        with ``finish`` (errors: :meth:`relay_error`).
         """
         timeout = routing.timeout if routing.timeout_given else None
         deadline = time.perf_counter() + timeout if timeout is not None else math.inf
@@ -831,7 +843,7 @@ class Gateway:
                     stream.finish(ok=False)
                     raise HandlerError(first.error_message)
                 stream.last_message = time.monotonic()
-                return EventStreamResponse(self._events(stream, first, routing), stream)
+                return stream, first
         finally:
             if retried:
                 self.retrying -= 1
@@ -853,12 +865,7 @@ class Gateway:
                 stream.last_message = time.monotonic()
         except grpc.aio.AioRpcError as exc:
             ok = stream.shutting_down
-            if stream.ended_by is not None:
-                yield _sse_error(stream.ended_by)
-            else:
-                if _transport_failure(exc):
-                    self._eject(stream.choice, exc)
-                yield _sse_error(_translate(exc, stream.choice, routing.timeout))
+            yield _sse_error(self.relay_error(stream, exc, routing.timeout))
         except asyncio.CancelledError:
             # Either the client went away (Starlette cancels this generator: nobody is left
             # to tell) or the API server ended the call (tell the client, then end).
@@ -869,6 +876,18 @@ class Gateway:
             raise
         finally:
             stream.finish(ok)
+
+    def relay_error(
+        self, stream: OpenStream, exc: grpc.aio.AioRpcError, timeout: float
+    ) -> AnyServeError:
+        """What the client of a relayed stream is told when its call fails: why the API
+        server ended it, else the replica's failure (ejecting a replica whose connection
+        broke)."""
+        if stream.ended_by is not None:
+            return stream.ended_by
+        if _transport_failure(exc):
+            self._eject(stream.choice, exc)
+        return _translate(exc, stream.choice, timeout)
 
     # Objects ---------------------------------------------------------------------------
 

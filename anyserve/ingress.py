@@ -2,11 +2,20 @@
 
 With ``--grpc-port`` the API server also serves the replicas' own gRPC service, so a gRPC
 client (Triton's, KServe's) needs only the API server's address. ``ModelInfer`` and
-``ModelStreamInfer`` are routed like the HTTP routes, through the same
+``ModelStreamInfer`` take the HTTP routes' path through the same
 :class:`~anyserve.api_server.Gateway`: ``model_name`` is the capability ``type``,
 ``model_version`` its ``model``, and ``x-capability-<key>`` metadata adds further keys.
-``x-request-id`` metadata is passed on (or generated). Health and metadata RPCs are
-answered from the registry, as on the KServe v2 REST routes.
+So they share the per-replica ``max_in_flight`` limit and the bounded queue, failover with
+back-off and the retry budget, passive ejection and the stream idle timeout. ``x-request-id``
+metadata is passed on (or generated); the client's deadline is the request's. Health and
+metadata RPCs are answered from the registry, as on the KServe v2 REST routes.
+
+The API server's token guards each RPC as it guards the HTTP route answering the same
+question (``ModelInfer`` as ``POST /v2/models/{name}/infer``): with ``--auth all`` every RPC
+but ``ServerLive`` needs ``authorization: Bearer <token>`` metadata, else
+``UNAUTHENTICATED``. Messages are limited to ``--max-body-size`` (plus the protobuf framing
+the HTTP routes add too); a larger one is ``RESOURCE_EXHAUSTED``. An error that says when
+to retry (every ``UNAVAILABLE``) carries ``retry-after`` trailing metadata, in seconds.
 
 A request that sends its tensors in ``raw_input_contents`` gets its outputs in
 ``raw_output_contents`` (Triton's clients read them from there).
@@ -15,11 +24,12 @@ A request that sends its tensors in ``raw_input_contents`` gets its outputs in
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -27,25 +37,96 @@ import grpc.aio
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
-from anyserve.errors import AnyServeError, BadRequest, NotFound, Unavailable
+from anyserve.errors import AnyServeError, BadRequest, NotFound, Unauthorized, Unavailable
 from anyserve.kserve import EXTENSIONS, model_versions, serving, with_raw_outputs
 from anyserve.registry import format_query
 
 if TYPE_CHECKING:
-    from anyserve.api_server import Gateway, Routing
+    from typing import TypeAlias
 
-__all__ = ["Ingress", "start"]
+    from anyserve.api_server import ApiServerConfig, Gateway, Routing
+
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+__all__ = ["HTTP_EQUIVALENT", "Ingress", "TokenCheck", "start"]
 
 log = logging.getLogger("anyserve.ingress")
 
 _CAPABILITY_PREFIX = "x-capability-"
 
+#: The HTTP route (method, path) answering what each RPC answers: an RPC needs the token
+#: exactly when that route does (see ``api_server.Guard``).
+HTTP_EQUIVALENT: dict[str, tuple[str, str]] = {
+    "ServerLive": ("GET", "/v2/health/live"),
+    "ServerReady": ("GET", "/v2/health/ready"),
+    "ServerMetadata": ("GET", "/v2"),
+    "ModelReady": ("GET", "/v2/models/{name}/ready"),
+    "ModelMetadata": ("GET", "/v2/models/{name}"),
+    "ModelInfer": ("POST", "/v2/models/{name}/infer"),
+    "ModelStreamInfer": ("POST", "/infer/stream"),
+}
 
-def _request_id(metadata: dict[str, str]) -> str:
+
+def _metadata(context: Context) -> dict[str, str]:
+    """The request's text metadata (``-bin`` keys, which carry bytes, are left out)."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _request_id(metadata: Mapping[str, str]) -> str:
     given = metadata.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
         return given
     return secrets.token_hex(8)
+
+
+async def _never() -> None:
+    """The ``client_gone`` of a gRPC stream: gRPC cancels the RPC's task when its client
+    goes away, so there is nothing else to watch for."""
+    await asyncio.Event().wait()
+
+
+class TokenCheck:
+    """Which RPCs need the API server's bearer token, and whether a request carries it."""
+
+    def __init__(self, config: ApiServerConfig) -> None:
+        from anyserve.api_server import Guard
+
+        self._token = config.token.encode() if config.token else None
+        self._guard = Guard(config)
+
+    def needs_token(self, rpc: str) -> bool:
+        """Whether ``rpc`` needs the token: when its HTTP equivalent does."""
+        if self._token is None:
+            return False
+        method, path = HTTP_EQUIVALENT[rpc]
+        return self._guard.needs_token(method, path)
+
+    def check(self, rpc: str, metadata: Mapping[str, str]) -> None:
+        """:class:`Unauthorized` unless ``rpc`` is open or ``metadata`` carries the token."""
+        if self._token is None or not self.needs_token(rpc):
+            return
+        scheme, _, given = metadata.get("authorization", "").strip().partition(" ")
+        presented = given.strip().encode() if scheme.lower() == "bearer" else b""
+        if not presented:
+            raise Unauthorized(
+                f"{rpc} needs the API server's token: send the metadata "
+                "'authorization: Bearer <token>' (ANYSERVE_TOKEN)"
+            )
+        # compare_digest: the time taken says nothing about how much of a guess was right.
+        if not hmac.compare_digest(presented, self._token):
+            raise Unauthorized("the bearer token is not this API server's")
+
+
+def trailing_metadata(exc: AnyServeError) -> tuple[tuple[str, str], ...]:
+    """What an error's gRPC status carries besides its code and message: the HTTP reply's
+    headers (``retry-after``, ``www-authenticate``); every ``UNAVAILABLE`` says when to
+    retry, as every HTTP 503 does."""
+    from anyserve.api_server import error_headers
+
+    headers = {k.lower(): v for k, v in (error_headers(exc) or {}).items()}
+    if exc.status == 503:
+        headers.setdefault("retry-after", "1")
+    return tuple(headers.items())
 
 
 class Ingress(pbg.GRPCInferenceServiceServicer):
@@ -53,10 +134,11 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.tokens = TokenCheck(gateway.config)
 
     # Routing ----------------------------------------------------------------------------
 
-    def _query(self, name: str, version: str, metadata: dict[str, str]) -> dict[str, str]:
+    def _query(self, name: str, version: str, metadata: Mapping[str, str]) -> dict[str, str]:
         query = {"type": name} if name else {}
         if version:
             query["model"] = version
@@ -72,29 +154,46 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
             )
         return query
 
-    def _routing(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Routing:
+    def _routing(self, rpc: str, request: pb.ModelInferRequest, context: Context) -> Routing:
+        """Check the token, then read where the request may go and its deadline."""
         from anyserve.api_server import Routing
 
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        metadata = _metadata(context)
+        request_id = _request_id(metadata)
+        try:
+            self.tokens.check(rpc, metadata)
+            query = self._query(request.model_name, request.model_version, metadata)
+        except AnyServeError as exc:
+            log.info("grpc %s %s -> %d %s", request_id, rpc, exc.status, exc.message)
+            raise
         remaining = context.time_remaining()
-        timeout = self.gateway.config.request_timeout
-        if remaining is not None and 0 < remaining < timeout * 10:
-            timeout = remaining  # the client's own deadline
         return Routing(
-            query=self._query(request.model_name, request.model_version, metadata),
-            request_id=_request_id(metadata),
-            timeout=timeout,
+            query=query,
+            request_id=request_id,
+            # The client's deadline, when it set one, else the API server's default.
+            timeout=self.gateway.config.request_timeout
+            if remaining is None
+            else max(remaining, 1e-3),
             visited=[],
             depth=0,
+            timeout_given=remaining is not None,
         )
 
+    async def _check(self, rpc: str, context: Context) -> dict[str, str]:
+        """The metadata of a health or metadata RPC, once its token was checked."""
+        metadata = _metadata(context)
+        try:
+            self.tokens.check(rpc, metadata)
+        except AnyServeError as exc:
+            await self._abort(context, exc)
+        return metadata
+
     @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: AnyServeError) -> None:
+    async def _abort(context: Context, exc: AnyServeError) -> NoReturn:
         from anyserve.replica import grpc_code
 
-        await context.abort(grpc_code(exc), exc.message)
+        await context.abort(grpc_code(exc), exc.message, trailing_metadata(exc))
+        raise AssertionError("grpc.aio's abort always raises")  # (untyped: tell mypy so)
 
     def _log(self, rpc: str, routing: Routing, replica: str, outcome: str, started: float) -> None:
         ms = (time.perf_counter() - started) * 1000
@@ -110,32 +209,38 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
 
     # Health and metadata ----------------------------------------------------------------
 
-    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: Any, context: Context) -> pb.ServerLiveResponse:
+        await self._check("ServerLive", context)
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: Any, context: Context) -> pb.ServerReadyResponse:
+        await self._check("ServerReady", context)
         return pb.ServerReadyResponse(ready=len(self.gateway.registry) > 0)
 
-    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: Any, context: Context) -> pb.ServerMetadataResponse:
+        await self._check("ServerMetadata", context)
         return pb.ServerMetadataResponse(
             name="anyserve", version=__version__, extensions=EXTENSIONS
         )
 
-    def _matching(self, request: Any, context: Any) -> tuple[dict[str, str], list[Any]]:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    def _matching(
+        self, request: Any, metadata: Mapping[str, str]
+    ) -> tuple[dict[str, str], list[Any]]:
         query = self._query(request.name, request.version, metadata)
         return query, list(serving(self.gateway.registry, query))
 
-    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: Any, context: Context) -> pb.ModelReadyResponse:
+        metadata = await self._check("ModelReady", context)
         try:
-            _, found = self._matching(request, context)
+            _, found = self._matching(request, metadata)
         except AnyServeError:
             found = []
         return pb.ModelReadyResponse(ready=bool(found))
 
-    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: Any, context: Context) -> pb.ModelMetadataResponse:
+        metadata = await self._check("ModelMetadata", context)
         try:
-            query, found = self._matching(request, context)
+            query, found = self._matching(request, metadata)
             if not found:
                 raise NotFound(self.gateway.registry.describe_miss(query, stream=False))
         except AnyServeError as exc:
@@ -146,12 +251,12 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
     # Inference --------------------------------------------------------------------------
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
         started = time.perf_counter()
         routing: Routing | None = None
         try:
-            routing = self._routing(request, context)
+            routing = self._routing("ModelInfer", request, context)
             reply, choice = await self.gateway.infer(request, routing)
             if request.raw_input_contents:
                 reply = with_raw_outputs(reply)
@@ -159,7 +264,6 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
             if routing is not None:
                 self._log("ModelInfer", routing, "", str(exc.status), started)
             await self._abort(context, exc)
-            raise  # abort raises; this is for the type checker
         self._log("ModelInfer", routing, choice.replica_id, "ok", started)
         await context.send_initial_metadata((("x-anyserve-replica", choice.replica_id),))
         if not reply.model_name:
@@ -171,77 +275,75 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         return reply
 
     async def ModelStreamInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ModelInferRequest, context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        from anyserve.api_server import OpenStream, _translate
+        """Relay a stream started by :meth:`Gateway.start_stream
+        <anyserve.api_server.Gateway.start_stream>`; a failure once a message was relayed
+        ends it with an error status (it is never replayed)."""
+        from anyserve.api_server import _task_cancelling
 
         started = time.perf_counter()
         gateway = self.gateway
+        routing: Routing | None = None
         try:
-            routing = self._routing(request, context)
+            routing = self._routing("ModelStreamInfer", request, context)
+            stream, message = await gateway.start_stream(request, routing, _never)
         except AnyServeError as exc:
-            await self._abort(context, exc)
-            return
-        exclude = list(routing.visited)
-        raw = bool(request.raw_input_contents)
-        while True:
-            try:
-                choice = gateway.registry.choose(routing.query, stream=True, exclude=exclude)
-            except AnyServeError as exc:
+            if routing is not None:
                 self._log("ModelStreamInfer", routing, "", str(exc.status), started)
-                await self._abort(context, exc)
-                return
-            gateway.registry.begin(choice)
-            call = gateway.channels.stub(choice.endpoint).ModelStreamInfer(
-                request, metadata=routing.metadata(choice), timeout=routing.timeout
-            )
-            stream = OpenStream(call, choice, gateway)
-            gateway.streams.add(stream)
-            sent = 0
+            await self._abort(context, exc)
+        replica = stream.choice.replica_id
+        raw = bool(request.raw_input_contents)
+        sent = 0
+        ok = True
+        error: AnyServeError | None = None
+        try:
+            await context.send_initial_metadata((("x-anyserve-replica", replica),))
+            while message is not grpc.aio.EOF:
+                if message.error_message:
+                    ok = False
+                elif raw and message.HasField("infer_response"):
+                    message.infer_response.CopyFrom(with_raw_outputs(message.infer_response))
+                yield message
+                sent += 1
+                message = await stream.call.read()
+                stream.last_message = time.monotonic()
+        except grpc.aio.AioRpcError as exc:
+            ok = stream.shutting_down
+            error = gateway.relay_error(stream, exc, routing.timeout)
+        except AnyServeError as exc:  # a reply that cannot be made raw
             ok = False
-            try:
-                async for message in call:
-                    if raw and message.HasField("infer_response"):
-                        message.infer_response.CopyFrom(with_raw_outputs(message.infer_response))
-                    sent += 1
-                    yield message
-                ok = True
-            except asyncio.CancelledError:
-                ok = True  # the client went away (or shutdown ended the call): not an error
+            error = exc
+        except asyncio.CancelledError:
+            # Either the client went away (gRPC cancels this task: nobody is left to tell)
+            # or the API server ended the call (idle, shutdown: tell the client).
+            if stream.ended_by is None or _task_cancelling():
                 raise
-            except (grpc.aio.AioRpcError, AnyServeError) as exc:
-                stream.finish(ok=False)
-                if isinstance(exc, AnyServeError):  # a reply that cannot be made raw
-                    error: AnyServeError = exc
-                elif not sent and gateway._retry(exc, choice, routing, exclude, stream=True):
-                    continue
-                elif stream.shutting_down:
-                    error = Unavailable("the API server is shutting down; retry the request")
-                else:
-                    error = _translate(exc, choice, routing.timeout)
-                self._log(
-                    "ModelStreamInfer", routing, choice.replica_id, str(error.status), started
-                )
-                await self._abort(context, error)
-                return
-            finally:
-                stream.finish(ok)
-            self._log("ModelStreamInfer", routing, choice.replica_id, f"ok {sent} msg", started)
-            return
+            ok = stream.shutting_down
+            error = stream.ended_by
+        finally:
+            stream.finish(ok)
+        if error is not None:
+            self._log("ModelStreamInfer", routing, replica, str(error.status), started)
+            await self._abort(context, error)
+        self._log("ModelStreamInfer", routing, replica, f"ok {sent} msg", started)
 
 
 async def start(gateway: Gateway, host: str, port: int) -> grpc.aio.Server:
     """Serve the ingress on ``host:port`` (0: a free port); the started server.
 
-    Raises :class:`~anyserve.errors.Unavailable` when the port cannot be bound.
+    Messages may be as large as the HTTP routes' bodies (``max_body_size``) plus the
+    protobuf framing, the limit of the channels to the replicas too. Raises
+    :class:`~anyserve.errors.Unavailable` when the port cannot be bound.
     """
-    from anyserve.api_server import MAX_MESSAGE_BYTES
+    from anyserve.api_server import MESSAGE_SLACK
 
+    max_message = gateway.config.max_body_size + MESSAGE_SLACK
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
         ]
     )
     pbg.add_GRPCInferenceServiceServicer_to_server(Ingress(gateway), server)

@@ -451,14 +451,17 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _v2(endpoint: Endpoint) -> Endpoint:
-    """Answer the endpoint's errors in the v2 shape ``{"error": message}``."""
+    """Answer the endpoint's errors in the v2 shape ``{"error": message}``, with the headers
+    the API server's other replies carry for them (``Retry-After``, ``WWW-Authenticate``)."""
 
     @functools.wraps(endpoint)
     async def answer(request: Request) -> Response:
         try:
             return await endpoint(request)
         except AnyServeError as exc:
-            return _error(exc.message, exc.status)
+            from anyserve.api_server import error_headers  # (it imports this module)
+
+            return _error(exc.message, exc.status, error_headers(exc))
 
     return answer
 

@@ -138,6 +138,54 @@ def test_not_ready_without_replicas() -> None:
     assert "no replicas are registered" in model.json()["error"]
 
 
+def _asgi(app: Any, *requests: tuple[str, str]) -> list[httpx.Response]:
+    """Send ``(method, path)`` requests (JSON ``{"inputs": []}`` bodies) to an ASGI app."""
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return [
+                await client.request(method, path, json={"inputs": [TEXT]})
+                for method, path in requests
+            ]
+
+    return asyncio.run(go())
+
+
+def test_v2_errors_keep_their_headers() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from anyserve.errors import Unauthorized
+    from anyserve.kserve import _v2
+    from anyserve.registry import TooManyRegistrations
+
+    async def limited(request: Any) -> Any:
+        raise TooManyRegistrations("slow down", retry_after=2.5)
+
+    async def refused(request: Any) -> Any:
+        raise Unauthorized("who are you?")
+
+    app = Starlette(routes=[Route("/429", _v2(limited)), Route("/401", _v2(refused))])
+    too_many, unauthorized = _asgi(app, ("GET", "/429"), ("GET", "/401"))
+    assert (too_many.status_code, too_many.json()) == (429, {"error": "slow down"})
+    assert too_many.headers["Retry-After"] == "3"
+    assert (unauthorized.status_code, unauthorized.json()) == (401, {"error": "who are you?"})
+    assert unauthorized.headers["WWW-Authenticate"] == 'Bearer realm="anyserve"'
+
+
+def test_v2_infer_beyond_the_limit_and_the_queue_is_503_with_retry_after() -> None:
+    from .reliability import registration
+
+    registry = Registry(max_queue=0)
+    registry.register(registration("busy", max_in_flight=1))
+    registry.acquire({"type": "chat"})  # its only slot is taken
+    (shed,) = _asgi(create_app(ApiServerConfig(), registry), ("POST", "/v2/models/chat/infer"))
+    assert shed.status_code == 503
+    assert shed.headers["Retry-After"] == "1"
+    assert "requests are already waiting" in shed.json()["error"]
+
+
 def test_model_metadata_lists_the_registered_versions(api: ApiServer) -> None:
     assert get(api, "/v2/models/chat").json() == {
         "name": "chat",

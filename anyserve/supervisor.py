@@ -231,6 +231,13 @@ class Supervisor:
                 f"port {api.port} on {api.host} is already in use (API server); stop what "
                 "listens there or choose another port",
             )
+        if api.grpc_port is not None and port_in_use(api.host, api.grpc_port):
+            raise config_error(
+                self.topology,
+                ("api_server", "grpc_port"),
+                f"port {api.grpc_port} on {api.host} is already in use (API server, gRPC); "
+                "stop what listens there or choose another port",
+            )
         for group in self.topology.groups:
             if group.port is not None and group.count > 0 and port_in_use(group.host, group.port):
                 raise config_error(
@@ -503,6 +510,8 @@ class Supervisor:
                 argv += ["--heartbeat-interval", str(api.heartbeat_interval)]
             if api.auth != "writes":
                 argv += ["--auth", api.auth]
+            if api.grpc_port is not None:
+                argv += ["--grpc-port", str(api.grpc_port)]
             proc.replica_id = None
         else:
             group = topo.group(proc.group)

@@ -61,6 +61,8 @@ class ApiServerSpec:
     ``up --insecure`` only)."""
     auth: str = "writes"
     """What the token guards: ``writes`` (registration, object writes) or ``all`` routes."""
+    grpc_port: int | None = None
+    """``grpc_port = 8081``: also serve KServe v2 gRPC (the ingress) on this port."""
 
     @property
     def loopback(self) -> bool:
@@ -140,7 +142,7 @@ class Topology:
 
 
 _TOP_KEYS = ("api_server", "objects", "replicas")
-_API_KEYS = ("host", "port", "lease_ttl", "heartbeat_interval", "token", "auth")
+_API_KEYS = ("host", "port", "lease_ttl", "heartbeat_interval", "token", "auth", "grpc_port")
 AUTH_MODES = ("writes", "all")
 _OBJECT_KEYS = ("path", "ttl", "allow_pickle")
 _GROUP_KEYS = (
@@ -190,14 +192,14 @@ def loads(text: str, path: Path) -> Topology:
 
     # Two things on one fixed port can never both start; say which keys collide.
     taken: dict[int, tuple[str, ...]] = {api.port: ("api_server", "port")}
-    for group in groups:
-        if group.port is None:
+    fixed = [(group.port, ("replicas", group.name, "port")) for group in groups]
+    for port, key in [(api.grpc_port, ("api_server", "grpc_port")), *fixed]:
+        if port is None:
             continue
-        key = ("replicas", group.name, "port")
-        if group.port in taken:
-            other = ".".join(taken[group.port])
-            ctx.fail(key, f"port {group.port} is already used by {other}; choose another port")
-        taken[group.port] = key
+        if port in taken:
+            other = ".".join(taken[port])
+            ctx.fail(key, f"port {port} is already used by {other}; choose another port")
+        taken[port] = key
     return Topology(path=path, api_server=api, objects=objects, groups=groups)
 
 
@@ -227,6 +229,7 @@ def _api_server(ctx: _Context, table: dict[str, Any]) -> ApiServerSpec:
         token=token if isinstance(token, str) else None,
         token_off=token is False,
         auth=auth,
+        grpc_port=ctx.port(table, (*where, "grpc_port"), None),
     )
 
 

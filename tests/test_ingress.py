@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import socket
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -21,10 +23,12 @@ import pytest
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.api_server import ApiServerConfig
-from anyserve.errors import Unauthorized
+from anyserve.errors import ConfigError, Unauthorized
 from anyserve.ingress import HTTP_EQUIVALENT, TokenCheck, trailing_metadata
 from anyserve.registry import NoHealthyReplica, Overloaded, TooManyRegistrations
+from anyserve.topology import Topology, loads
 
+from .apps.up_support import api_url, cli, leftovers, registered, up_args, write_app, write_topology
 from .conftest import ApiServer, Procs, free_port, start_api_server, start_replica, wait_until
 from .reliability import REL_APP, release, state
 
@@ -323,3 +327,73 @@ def test_errors_carry_when_to_retry_as_trailing_metadata() -> None:
     assert trailing_metadata(Unauthorized("x")) == (
         ("www-authenticate", 'Bearer realm="anyserve"'),
     )
+
+
+# ---------------------------------------------------------------------- [api_server] grpc_port
+
+
+def _topology(text: str) -> Topology:
+    return loads(textwrap.dedent(text), Path("/srv/anyserve.toml"))
+
+
+def test_grpc_port_in_anyserve_toml() -> None:
+    assert _topology("[api_server]\nport = 8080\n").api_server.grpc_port is None
+    assert _topology("[api_server]\ngrpc_port = 8081\n").api_server.grpc_port == 8081
+    for text, message in [
+        (
+            "[api_server]\ngrpc_port = 70000\n",
+            "anyserve.toml:2: api_server.grpc_port: expected a port number 1-65535, got 70000",
+        ),
+        (
+            '[api_server]\ngrpc_port = "8081"\n',
+            "anyserve.toml:2: api_server.grpc_port: expected a port number 1-65535",
+        ),
+        (
+            "[api_server]\nport = 9000\ngrpc_port = 9000\n",
+            "anyserve.toml:3: api_server.grpc_port: port 9000 is already used by api_server.port",
+        ),
+        (
+            '[api_server]\ngrpc_port = 9001\n[replicas.chat]\napp = "a:b"\nport = 9001\n',
+            "anyserve.toml:5: replicas.chat.port: port 9001 is already used by "
+            "api_server.grpc_port",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            _topology(text)
+        assert message in caught.value.message
+
+
+def test_up_refuses_a_grpc_port_in_use(tmp_path: Path) -> None:
+    write_app(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        topology = write_topology(tmp_path, '[replicas.echo]\napp = "upapp.echo:app"\n')
+        topology.write_text(
+            topology.read_text().replace("lease_ttl", f"grpc_port = {port}\nlease_ttl")
+        )
+        result = cli("up", "--no-tui", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"api_server.grpc_port: port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_up_serves_the_ingress_on_grpc_port(procs: Procs, tmp_path: Path) -> None:
+    write_app(tmp_path)
+    grpc_port = free_port()
+    topology = write_topology(tmp_path, '[replicas.echo]\napp = "upapp.echo:app"\n')
+    topology.write_text(
+        topology.read_text().replace("lease_ttl", f"grpc_port = {grpc_port}\nlease_ttl")
+    )
+    up = procs.start(up_args(topology, "--no-reload"), name="up", cwd=tmp_path)
+    url = api_url(topology)
+    try:
+        wait_until(lambda: registered(url, "echo-"), timeout=60, what="echo registered")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- anyserve up output:\n{up.output()[-4000:]}") from None
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        reply = pbg.GRPCInferenceServiceStub(channel).ModelInfer(text_request("echo"), timeout=10)
+    assert output(reply, "text_output") == "v1"
+    up.stop()
+    wait_until(lambda: leftovers(str(tmp_path)) == [], what="every child gone")

@@ -241,6 +241,18 @@ def test_a_killed_replica_under_ingress_load_loses_no_request(procs: Procs, tmp_
     assert set(answered[before + 50 :]) == {survivor}
     assert state(cluster.api, victim) in ("ejected", "unhealthy")
     assert "not reachable, trying another" in cluster.api.proc.output()
+    # A stream that relayed a message is never replayed: killing its replica ends it.
+    ticks = stub.ModelStreamInfer(text_request("tick", "k2"), timeout=30)
+    assert token(next(ticks)) == "t0"
+    replicas[survivor].proc.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in ticks:
+            pass
+    assert time.monotonic() - killed < 1.0
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"replica {survivor} at " in (ended.value.details() or "")
+    assert trailing(ended.value)["retry-after"] == "1"
     cluster.channel.close()
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the MVP demo: the API server on port 8080 and four replicas (chat, embed, heavy,
-# stream). Ctrl-C stops exactly the processes this script started.
+# stream) on 50051-50054. Ctrl-C stops exactly the processes this script started.
+# Ports can be moved with API_PORT, CHAT_PORT, EMBED_PORT, HEAVY_PORT and STREAM_PORT.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."            # the repository root, so examples.* imports
@@ -41,10 +42,10 @@ start_replica() {  # start_replica APP PORT ID
   pids+=($!)
 }
 echo "Starting the replicas..."
-start_replica examples.mvp_demo.chat_app:app 50051 chat-replica
-start_replica examples.mvp_demo.embed_app:app 50052 embed-replica
-start_replica examples.mvp_demo.heavy_app:app 50053 heavy-replica
-start_replica examples.mvp_demo.stream_app:app 50054 stream-replica
+start_replica examples.mvp_demo.chat_app:app "${CHAT_PORT:-50051}" chat-replica
+start_replica examples.mvp_demo.embed_app:app "${EMBED_PORT:-50052}" embed-replica
+start_replica examples.mvp_demo.heavy_app:app "${HEAVY_PORT:-50053}" heavy-replica
+start_replica examples.mvp_demo.stream_app:app "${STREAM_PORT:-50054}" stream-replica
 
 registered() { [ "$(curl -sf "$API/registry" | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["total"])')" -ge 4 ]; }
 wait_for "four registered replicas" 30 registered

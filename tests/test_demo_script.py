@@ -42,7 +42,10 @@ def test_run_demo_serves_the_readme_commands(procs: Procs, tmp_path: Path) -> No
 
     registry = json.loads(curl(f"{base}/registry"))
     assert registry["total"] == 4
-    body = '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "contents": {"bytes_contents": ["Hello World"]}}]}'
+    body = (
+        '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], '
+        '"contents": {"bytes_contents": ["Hello World"]}}]}'
+    )
     chat = json.loads(
         curl(
             "-X",
@@ -69,7 +72,10 @@ def test_run_demo_serves_the_readme_commands(procs: Procs, tmp_path: Path) -> No
         "-H",
         "X-Capability-Type: chat",
         "-d",
-        '{"model_name": "chat", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "contents": {"bytes_contents": ["Hello"]}}]}',
+        (
+            '{"model_name": "chat", "inputs": [{"name": "text", "datatype": "BYTES", '
+            '"shape": [1], "contents": {"bytes_contents": ["Hello"]}}]}'
+        ),
     )
     events = [json.loads(line[5:]) for line in stream.splitlines() if line.startswith("data:")]
     tokens = [e["outputs"][0]["contents"]["bytes_contents"][0] for e in events]

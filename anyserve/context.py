@@ -216,9 +216,7 @@ class Context:
         (or is a ready ``ModelInferRequest``).
         """
         caller = self._require_api()
-        return caller.call(
-            parse_capability(capability), build_request(inputs), self, timeout
-        )
+        return caller.call(parse_capability(capability), build_request(inputs), self, timeout)
 
     async def acall(
         self, capability: Mapping[str, Any] | str, inputs: Any, *, timeout: float | None = None

@@ -14,8 +14,16 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+CODE = ("anyserve", "tests", "benchmarks", "examples", "scripts")
+
+
 def test_ruff_check() -> None:
-    result = run("ruff", "check", "anyserve")
+    result = run("ruff", "check", *CODE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format() -> None:
+    result = run("ruff", "format", "--check", *CODE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -116,15 +116,23 @@ def resolve_api_server(
 
 
 def resolve_token(*, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> str | None:
-    """The bearer token: ``$ANYSERVE_TOKEN``, else ``[api_server] token`` of ``anyserve.toml``.
+    """The bearer token: ``$ANYSERVE_TOKEN``, else ``[api_server] token`` of ``anyserve.toml``,
+    else the token ``anyserve up`` created in ``.anyserve/token`` of the current folder.
 
     There is deliberately no command-line option: arguments are visible to every user in ``ps``.
     """
     env = os.environ if env is None else env
     if env.get(ENV_TOKEN):
         return env[ENV_TOKEN]
-    token = _read_config(Path.cwd() if cwd is None else cwd).get("token")
-    return str(token) if token else None
+    folder = Path.cwd() if cwd is None else cwd
+    token = _read_config(folder).get("token")
+    if isinstance(token, str) and token:
+        return token
+    try:
+        created = (folder / ".anyserve" / "token").read_text().strip()
+    except OSError:
+        return None
+    return created or None
 
 
 # --------------------------------------------------------------------------- the client

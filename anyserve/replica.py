@@ -48,6 +48,8 @@ from anyserve.errors import (
 log = logging.getLogger("anyserve.replica")
 
 MAX_DELEGATION_DEPTH = 3
+#: Seconds between registration attempts while the API server cannot be reached.
+UNREACHABLE_RETRY = 0.25
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
 
 
@@ -610,35 +612,50 @@ class Replica:
         }
 
     async def register_and_heartbeat(self) -> None:
-        """Register once serving, then heartbeat; never give up while the replica runs."""
+        """Register once serving, then heartbeat; never give up while the replica runs.
+
+        While the API server is unreachable the replica keeps serving and retries every
+        quarter second, so a restarted API server has it back almost at once.
+        """
         assert self.delegator is not None
         client = self.delegator._async
         url = self.delegator.api_server
         interval = 2.0
-        warned = False
+        last_problem = ""
         path = "/register"
         while not self._stop.is_set():
+            wait = interval
+            problem = ""
             try:
                 reply = await client.post(url + path, json=self.registration(), timeout=5.0)
-                if reply.status_code == 200:
+            except Exception as exc:  # keep serving standalone while the API server is away
+                problem = f"API server {url} not reachable ({type(exc).__name__}); retrying"
+                path, wait = "/register", UNREACHABLE_RETRY
+            else:
+                status = reply.status_code
+                if status == 200:
                     body = reply.json()
                     interval = float(body.get("heartbeat_interval", interval) or interval)
                     if not self._registered or body.get("registered"):
                         log.info("registered %s at %s as %s", self.endpoint, url, self.replica_id)
                     self._registered = True
-                    warned = False
-                    path = "/heartbeat"
-                elif reply.status_code == 409:
-                    log.error("API server refused %s: %s", self.replica_id, reply.text[:300])
+                    path, wait = "/heartbeat", interval
+                elif status == 410:
+                    # Unregistered on purpose (draining, `anyserve registry rm`): stay out.
+                    log.info(
+                        "the API server took %s out of rotation; serving on without heartbeats",
+                        self.replica_id,
+                    )
+                    return
                 else:
-                    log.warning("API server answered %s: %s", reply.status_code, reply.text[:300])
-            except Exception as exc:  # keep serving standalone while the API server is away
-                if not warned:
-                    log.warning("API server %s not reachable (%s); retrying", url, exc)
-                    warned = True
-                path = "/register"
+                    problem = f"API server answered {status} to {path}: {reply.text[:300]}"
+                    if status == 429:
+                        wait = _retry_after(reply.headers.get("retry-after"), interval)
+            if problem and problem != last_problem:
+                log.warning(problem)
+            last_problem = problem
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+                await asyncio.wait_for(self._stop.wait(), timeout=wait)
 
     async def unregister(self) -> None:
         if self.delegator is None or not self._registered:
@@ -711,6 +728,13 @@ class Replica:
         if self.delegator is not None:
             await self.delegator.aclose()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    try:
+        return max(0.1, float(value)) if value else default
+    except ValueError:
+        return default
 
 
 def _run_sync_stream(handler: Handler, args: tuple[Any, ...], stream: Stream) -> None:

@@ -194,6 +194,16 @@ def test_token_resolution(tmp_path: Path) -> None:
     assert resolve_token(env={}, cwd=tmp_path / "..") is None
 
 
+def test_resolve_token_reads_the_token_up_created(tmp_path: Path) -> None:
+    assert resolve_token(env={}, cwd=tmp_path) is None
+    (tmp_path / ".anyserve").mkdir()
+    (tmp_path / ".anyserve" / "token").write_text("made-by-up\n")
+    assert resolve_token(env={}, cwd=tmp_path) == "made-by-up"
+    (tmp_path / "anyserve.toml").write_text('[api_server]\ntoken = "configured"\n')
+    assert resolve_token(env={}, cwd=tmp_path) == "configured"
+    assert resolve_token(env={"ANYSERVE_TOKEN": "env"}, cwd=tmp_path) == "env"
+
+
 # --------------------------------------------------------------------------- replies and errors
 
 

@@ -1618,21 +1618,90 @@ def _log_request(
     scope: Scope, state: Mapping[str, Any], status: int, ms: float, failure: BaseException | None
 ) -> None:
     path = scope.get("path", "")
-    parts = [f"request {state['request_id']}", scope.get("method", ""), path]
-    if "capability" in state:
-        parts.append(f"[{state['capability']}]")
-    if "replica" in state:
-        parts.append(f"-> {state['replica']}")
-    parts.append(f"{status} {ms:.1f}ms")
-    line = " ".join(parts)
+    capability = state.get("capability")
+    replica = state.get("replica")
+    line = (
+        f"request {state['request_id']} {scope.get('method', '')} {path}"
+        f"{f' [{capability}]' if capability is not None else ''}"
+        f"{f' -> {replica}' if replica is not None else ''} {status} {ms:.1f}ms"
+    )
     if failure is not None:
         log.error("%s: unexpected error", line, exc_info=failure)
     elif status >= 500:
         log.warning(line)
     elif path in _QUIET and status < 400:
         log.debug(line)  # replicas heartbeat every few seconds; keep that out of the log
+    elif _fast_info.handler is not None:
+        _fast_info.write(line)
     else:
         log.info(line)
+
+
+class FastInfo:
+    """Writes INFO lines of ``log`` straight to the stream handler ``run()`` set up.
+
+    ``Logger.info`` costs about 0.03 ms of the API server's CPU per request (0.4 ms in all):
+    it looks up the caller's frame, builds a ``LogRecord`` and formats the time with
+    ``strftime`` every time. The per-request line needs none of that: it is written here,
+    formatted exactly as ``LOG_FORMAT`` would, with the date text made once a second, in
+    one ``write`` under the handler's lock (so it never interleaves with a record that
+    another thread logs). Only installed when ``log``'s records would go to that one handler
+    alone, and it checks the level on every line, so it writes exactly what logging would.
+    """
+
+    def __init__(self) -> None:
+        self.handler: logging.StreamHandler[Any] | None = None
+        self._logger = log
+        self._second = -1
+        self._date = ""
+
+    def install(self, logger: logging.Logger) -> None:
+        """Take over ``logger``'s INFO lines if they go to one plain stream handler only."""
+        self.handler = None
+        root = logging.getLogger()
+        handlers = root.handlers
+        if (
+            logger.handlers
+            or logger.filters
+            or not logger.propagate
+            or root.filters
+            or len(handlers) != 1
+            or type(handlers[0]) is not logging.StreamHandler
+            or handlers[0].filters
+            or handlers[0].level > logging.INFO
+            or type(handlers[0].formatter) is not logging.Formatter
+            or handlers[0].formatter._fmt != LOG_FORMAT
+            or handlers[0].formatter.datefmt is not None
+        ):
+            return
+        self.handler = handlers[0]
+        self._logger = logger
+
+    def write(self, line: str) -> None:
+        handler = self.handler
+        assert handler is not None
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            # Formatter.formatTime's default: local time, then ",<milliseconds>".
+            self._second = second
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        text = f"{self._date},{int((now - second) * 1000):03d} INFO {self._logger.name}: {line}\n"
+        handler.acquire()
+        try:
+            handler.stream.write(text)
+            handler.flush()
+        except Exception:  # as logging does: a broken log stream must not fail requests
+            handler.handleError(logging.makeLogRecord({"msg": line, "levelname": "INFO"}))
+        finally:
+            handler.release()
+
+
+_fast_info = FastInfo()
+#: The API server's log line: ``2026-01-01 12:00:00,123 INFO anyserve.api_server: ...``.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 # --------------------------------------------------------------------------- app and process
@@ -1841,11 +1910,8 @@ def run(config: ApiServerConfig) -> None:
     """Serve until SIGINT/SIGTERM (the sync shell around uvicorn)."""
     import uvicorn
 
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    _fast_info.install(log)
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,

@@ -286,8 +286,14 @@ def test_r11_a_replica_that_fails_at_import(chaos: Chaos) -> None:
     assert len(restarts) >= 3, (starts, backoffs)
     assert wrong == [], wrong
     assert "crash loop" in states
-    final = _row(chaos, "broken.0")
-    assert final["exit_code"] == 1 and "fails at import" in final["message"]
+    # The crash loop keeps retrying at the capped delay: wait for a moment between two tries
+    # (not in the middle of one) to read the last failure.
+    final = wait_until(
+        lambda: (row := _row(chaos, "broken.0"))["exit_code"] is not None and row,
+        timeout=40,
+        what="broken.0 between two tries",
+    )
+    assert final["exit_code"] == 1 and "fails at import" in final["message"], final
     assert failed == 0, (tally.statuses, tally.failures[:5])
 
 

@@ -155,7 +155,7 @@ def channel_options(max_message: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any
 CHANNEL_OPTIONS = channel_options()
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-_CAPABILITY_PREFIX = "x-capability-"
+_CAPABILITY_PREFIX_LEN = len(b"x-capability-")
 _PROTOBUF = "application/x-protobuf"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -221,13 +221,48 @@ class Routing:
         cls, request: Request, default_timeout: float, stream: bool = False
     ) -> Routing:
         """Parse the ``X-Capability-*``, delegation and timeout headers; 400/508 when wrong."""
+        scope = request.scope
+        return cls.from_headers(
+            scope["headers"], scope["state"]["request_id"], default_timeout, stream
+        )
+
+    @classmethod
+    def from_headers(
+        cls,
+        headers: Iterable[tuple[bytes, bytes]],
+        request_id: str,
+        default_timeout: float,
+        stream: bool = False,
+    ) -> Routing:
+        """:meth:`from_request` from the raw ASGI headers (lowercase names), in one pass.
+
+        Starlette's ``request.headers`` would decode every header for the capability scan
+        and scan again for each of the three others; this reads the raw pairs once. As
+        there, a repeated capability header counts by its last value, the others by their
+        first.
+        """
         query: dict[str, str] = {}
-        for name, value in request.headers.items():
-            if name.startswith(_CAPABILITY_PREFIX) and len(name) > len(_CAPABILITY_PREFIX):
-                key = name[len(_CAPABILITY_PREFIX) :].replace("-", "_")
-                if not value.strip():
-                    raise BadRequest(f"header {name} is empty; give the capability's value")
-                query[key] = value.strip()
+        raw_timeout = raw_visited = raw_depth = None
+        for name, raw in headers:
+            if not name.startswith(b"x-"):
+                continue
+            if name.startswith(b"x-capability-"):
+                if len(name) == _CAPABILITY_PREFIX_LEN:
+                    continue
+                value = raw.decode("latin-1").strip()
+                if not value:
+                    raise BadRequest(
+                        f"header {name.decode('latin-1')} is empty; give the capability's value"
+                    )
+                query[name[_CAPABILITY_PREFIX_LEN:].decode("latin-1").replace("-", "_")] = value
+            elif name == b"x-request-timeout":
+                if raw_timeout is None:
+                    raw_timeout = raw.decode("latin-1")
+            elif name == b"x-delegated-from":
+                if raw_visited is None:
+                    raw_visited = raw.decode("latin-1")
+            elif name == b"x-delegation-depth" and raw_depth is None:
+                raw_depth = raw.decode("latin-1")
         # `stream` is not an attribute but the route: accept it when it agrees.
         said = query.pop("stream", None)
         if said is not None and said.lower() != str(stream).lower():
@@ -239,7 +274,6 @@ class Routing:
                 "e.g. -H 'X-Capability-Type: chat'"
             )
         timeout = default_timeout
-        raw_timeout = request.headers.get("x-request-timeout")
         if raw_timeout is not None:
             try:
                 timeout = float(raw_timeout)
@@ -249,14 +283,17 @@ class Routing:
                 raise BadRequest(
                     f"X-Request-Timeout must be a positive number of seconds, not {raw_timeout!r}"
                 )
-        visited = [v.strip() for v in request.headers.get("x-delegated-from", "").split(",")]
-        visited = [v for v in visited if v]
-        if any(not (v.isascii() and v.isprintable()) for v in visited):
-            raise BadRequest("X-Delegated-From must be a comma-separated list of replica ids")
-        raw_depth = request.headers.get("x-delegation-depth", "0").strip() or "0"
-        if not raw_depth.isdigit():
-            raise BadRequest(f"X-Delegation-Depth must be a whole number, not {raw_depth!r}")
-        depth = int(raw_depth)
+        visited: list[str] = []
+        if raw_visited:
+            visited = [v for v in (v.strip() for v in raw_visited.split(",")) if v]
+            if any(not (v.isascii() and v.isprintable()) for v in visited):
+                raise BadRequest("X-Delegated-From must be a comma-separated list of replica ids")
+        depth = 0
+        if raw_depth is not None:
+            raw_depth = raw_depth.strip() or "0"
+            if not raw_depth.isdigit():
+                raise BadRequest(f"X-Delegation-Depth must be a whole number, not {raw_depth!r}")
+            depth = int(raw_depth)
         if depth > MAX_DELEGATION_DEPTH:
             trail = f" (visited: {', '.join(visited)})" if visited else ""
             raise DelegationLoop(
@@ -266,7 +303,7 @@ class Routing:
             )
         return cls(
             query=query,
-            request_id=request.state.request_id,
+            request_id=request_id,
             timeout=timeout,
             visited=visited,
             depth=depth,
@@ -1028,10 +1065,13 @@ async def _json_body(request: Request) -> Any:
 
 
 def _note(request: Request, routing: Routing, choice: Choice | None = None) -> None:
-    """Record what the request-log line should say about routing."""
-    request.state.capability = format_query(routing.query)
+    """Record what the request-log line should say about routing (the query's text is
+    made once, the first time: a route notes before and after choosing a replica)."""
+    state = request.scope["state"]
+    if "capability" not in state:
+        state["capability"] = format_query(routing.query)
     if choice is not None:
-        request.state.replica = choice.replica_id
+        state["replica"] = choice.replica_id
 
 
 # --------------------------------------------------------------------------- routes
@@ -1381,6 +1421,13 @@ async def delete_object(request: Request) -> Response:
     return _json({"success": True, "key": key})
 
 
+#: The routes RequestLog answers without Starlette (POST only; see RequestLog).
+DIRECT_ROUTES: dict[str, Callable[[Request], Awaitable[ASGIApp]]] = {
+    "/infer": infer_protobuf,
+    "/infer/json": infer_json,
+    "/infer/stream": infer_stream,
+}
+
 ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/register", register, methods=["POST"]),
@@ -1552,11 +1599,23 @@ class RequestLog:
     on every reply. An unexpected exception is logged here once, with its traceback and
     the request id, after the error handler has answered 500. With a :class:`Guard`, the
     request must pass it first; and every 503 says when to retry (``Retry-After``).
+
+    ``direct`` maps paths whose ``POST`` is answered by a route function straight from
+    here (the infer routes, the ones a deployment calls thousands of times a second):
+    Starlette's two middlewares, its linear route match and ``request_response`` cost
+    about a tenth of such a request, and their three ``send`` wrappers sit on every
+    message of a stream. What they do for these routes is done in :meth:`_direct`.
     """
 
-    def __init__(self, app: ASGIApp, guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        guard: Guard | None = None,
+        direct: Mapping[str, Callable[[Request], Awaitable[ASGIApp]]] | None = None,
+    ) -> None:
         self.app = app
         self.guard = guard
+        self.direct = dict(direct or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -1587,12 +1646,43 @@ class RequestLog:
             else:
                 if guard is not None:
                     receive = guard.limit(scope, receive)
-                await self.app(scope, receive, send_with_id)
+                route = self.direct.get(scope["path"]) if scope["method"] == "POST" else None
+                if route is None:
+                    await self.app(scope, receive, send_with_id)
+                else:
+                    await self._direct(route, scope, receive, send_with_id, lambda: status)
         except Exception as exc:  # already answered 500 by the error handler
             failure = exc
         finally:
             ms = (time.perf_counter() - started) * 1000
             _log_request(scope, state, status or 500, ms, failure)
+
+    async def _direct(
+        self,
+        route: Callable[[Request], Awaitable[ASGIApp]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        status: Callable[[], int],
+    ) -> None:
+        """Run ``route`` as the Starlette app would: its reply, or the error handler's.
+
+        As there, an error the handler knows (AnyServeError, HTTPException, a client that
+        disconnected) is only answered; anything else is answered 500 and raised on, to
+        be logged with its traceback; once the reply has started, nothing can be answered.
+        """
+        scope["app"] = self.app  # what request.app is inside the router
+        request = Request(scope, receive)
+        try:
+            response = await route(request)
+            await response(scope, receive, send)
+        except Exception as exc:
+            if status():
+                raise
+            reply = await error_response(request, exc)
+            await reply(scope, receive, send)
+            if not isinstance(exc, (AnyServeError, HTTPException, ClientDisconnect)):
+                raise
 
 
 def _scan_headers(scope: Scope) -> tuple[str, bytes | None, bytes | None]:
@@ -1754,7 +1844,7 @@ class ApiServer(RequestLog):
             lifespan=lifespan,
         )
         router.state.gateway = gateway
-        super().__init__(router, Guard(gateway.config))
+        super().__init__(router, Guard(gateway.config), DIRECT_ROUTES)
 
 
 async def _evict_forever(gateway: Gateway) -> None:
@@ -1921,6 +2011,12 @@ def run(config: ApiServerConfig) -> None:
         http=_protocol_class(),
         lifespan="on",
         access_log=False,  # RequestLog writes one line per request with its id
+        # No X-Forwarded-For rewriting: nothing sits in front of the API server by default,
+        # and the registration rate limit must key on the real peer, not on a header
+        # any local client can set (uvicorn trusts it from 127.0.0.1).
+        proxy_headers=False,
+        # No "server: uvicorn" on every reply (the Date header stays: HTTP requires it).
+        server_header=False,
         log_config=None,  # keep the logging set up above
         log_level=config.log_level.lower(),
         timeout_graceful_shutdown=max(1, math.ceil(config.shutdown_timeout)),

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
 from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
 
 from anyserve import api_server
-from anyserve.api_server import LOG_FORMAT, FastInfo
+from anyserve.api_server import LOG_FORMAT, ApiServerConfig, FastInfo, create_app
+from anyserve.registry import Registry
 
 
 @contextlib.contextmanager
@@ -63,3 +69,57 @@ def test_fast_info_stands_aside_for_other_logging_setups() -> None:
         logging.getLogger().addHandler(logging.NullHandler())
         fast.install(api_server.log)
         assert fast.handler is None  # more than one handler
+
+
+class BrokenRegistry(Registry):
+    """A registry with a bug in it, on the infer routes' way."""
+
+    def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret internals")
+
+
+def call(registry: Registry, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    app = create_app(ApiServerConfig(), registry)
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+BODY = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]}
+
+
+@pytest.mark.parametrize("path", ["/infer/json", "/infer/stream"])
+def test_a_bug_on_an_infer_route_is_a_500_logged_once(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="anyserve.api_server"):
+        reply = call(
+            BrokenRegistry(),
+            "POST",
+            path,
+            json=BODY,
+            headers={"X-Request-ID": "bug-2", "X-Capability-Type": "echo"},
+        )
+    assert reply.status_code == 500
+    assert reply.json() == {"detail": "internal error (request id bug-2)"}
+    assert reply.headers["X-Request-ID"] == "bug-2"
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert "bug-2" in record.getMessage() and "[type=echo]" in record.getMessage()
+
+
+def test_infer_routes_answer_errors_as_before() -> None:
+    # Known errors are answered, in JSON, with the request id; other methods still 405.
+    reply = call(Registry(), "POST", "/infer/json", json=BODY, headers={"X-Request-ID": "r-1"})
+    assert reply.status_code == 400 and "X-Capability-" in reply.json()["detail"]
+    assert reply.headers["X-Request-ID"] == "r-1"
+    reply = call(Registry(), "POST", "/infer", content=b"\xff", headers={"X-Capability-Type": "a"})
+    assert reply.status_code == 400 and "ModelInferRequest" in reply.json()["detail"]
+    reply = call(Registry(), "POST", "/infer/json", json=BODY, headers={"X-Capability-Type": "a"})
+    assert reply.status_code == 404 and "no replica serves type=a" in reply.json()["detail"]
+    reply = call(Registry(), "GET", "/infer/json")
+    assert reply.status_code == 405
+    assert reply.headers["X-Request-ID"]

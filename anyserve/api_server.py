@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -1697,7 +1698,29 @@ def _scan_headers(scope: Scope) -> tuple[str, bytes | None, bytes | None]:
             length = value
         elif name == b"authorization":
             authorization = value
-    return request_id or secrets.token_hex(8), length, authorization
+    return request_id or _new_request_id(), length, authorization
+
+
+class RequestIds:
+    """Request ids for requests that came without one: ``<prefix><counter>`` in hex.
+
+    The prefix is 8 random hex digits drawn once per process, the counter counts from a
+    random start; ids are unique within a process (the counter only grows, past 8 digits
+    if need be) and, with near certainty, across processes and restarts. They name log
+    lines, not secrets: ids of one process are sequential, and whoever sees one can
+    guess its neighbours. ``secrets.token_hex`` per request cost a ``getrandom`` system
+    call each (2 % of the API server's CPU at concurrency 16).
+    """
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = itertools.count(secrets.randbelow(1 << 28)).__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():08x}"
+
+
+_new_request_id = RequestIds()
 
 
 # Routes polled all the time (or logged by their route function already).

@@ -789,6 +789,9 @@ _TO_JSON: tuple[tuple[str, Callable[[Iterable[Any]], list[Any]]], ...] = (
 )
 
 
+_CONVERT = dict(_TO_JSON)
+
+
 def _tensor_to_json(tensor: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": tensor.name,
@@ -797,14 +800,10 @@ def _tensor_to_json(tensor: Any) -> dict[str, Any]:
     }
     if tensor.parameters:
         out["parameters"] = _params_to_json(tensor.parameters)
-    contents: dict[str, list[Any]] = {}
-    if tensor.HasField("contents"):
-        c = tensor.contents
-        for field, convert in _TO_JSON:
-            values = getattr(c, field)
-            if values:
-                contents[field] = convert(values)
-    out["contents"] = contents
+    # ListFields: only the fields that are set, in field-number order (that of _TO_JSON),
+    # in one call; asking for each of the eight made a container per field, a quarter of
+    # the time of converting a small reply (every SSE event is one).
+    out["contents"] = {f.name: _CONVERT[f.name](v) for f, v in tensor.contents.ListFields()}
     return out
 
 

@@ -189,7 +189,7 @@ def budgets_table(results: dict[str, Any]) -> Table:
     styles = {"PASS": "green", "MISS": "bold red", "n/a": "yellow"}
     for row in results["budgets"]:
         value = row["value"]
-        shown = "-" if value is None else f"{value:,.3g} {row['unit']}"
+        shown = "-" if value is None else f"{_figure(value)} {row['unit']}"
         table.add_row(
             row["name"],
             shown,
@@ -197,6 +197,11 @@ def budgets_table(results: dict[str, Any]) -> Table:
             Text(row["status"], style=styles[row["status"]]),
         )
     return table
+
+
+def _figure(value: float) -> str:
+    """Three significant digits, large numbers whole with separators (8,137, not 8.14e+03)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def profile_tables(results: dict[str, Any]) -> list[Table]:

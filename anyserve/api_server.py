@@ -68,7 +68,6 @@ from anyserve.registry import (
     RateLimiter,
     Registry,
     ReplicaRecord,
-    Saturated,
     TooManyRegistrations,
     format_query,
 )
@@ -858,9 +857,8 @@ class Gateway:
         retried = False
         try:
             while True:
-                try:
-                    choice = self.registry.acquire(routing.query, False, exclude)
-                except Saturated:
+                choice = self.registry.try_acquire(routing.query, False, exclude)
+                if choice is None:  # every matching replica is at its limit: wait for a slot
                     choice = await self._wait(routing, False, exclude, deadline)
                 stub = self.channels.stub(choice.endpoint)
                 sent = time.perf_counter()
@@ -922,9 +920,8 @@ class Gateway:
         retried = False
         try:
             while True:
-                try:
-                    choice = self.registry.acquire(routing.query, True, exclude)
-                except Saturated:
+                choice = self.registry.try_acquire(routing.query, True, exclude)
+                if choice is None:  # every matching replica is at its limit: wait for a slot
                     choice = await self._wait(routing, True, exclude, deadline)
                 stub = self.channels.stub(choice.endpoint)
                 left = None if timeout is None else deadline - time.perf_counter()

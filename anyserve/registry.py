@@ -711,13 +711,48 @@ class Registry:
         :class:`NoHealthyReplica` (503) when every match is ejected or unhealthy, and
         :class:`Saturated` (503) when every usable match is at its ``max_in_flight``.
         """
+        picked = self._pick(query, stream, exclude)
+        if isinstance(picked, Choice):
+            return picked
+        raise self._why_busy(query, stream, picked, self._clock())
+
+    def acquire(
+        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
+    ) -> Choice:
+        """:meth:`choose`, and count the request in flight on the chosen replica."""
+        choice = self.choose(query, stream, exclude)
+        self.begin(choice)
+        return choice
+
+    def try_acquire(
+        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
+    ) -> Choice | None:
+        """:meth:`acquire`, but None where it would raise :class:`Saturated`.
+
+        For a caller that then waits for a slot (:meth:`enqueue`): under load that is
+        every other request, and the 503 it would not send cost an exception with its
+        message made each time.
+        """
+        picked = self._pick(query, stream, exclude)
+        if isinstance(picked, Choice):
+            self.begin(picked)
+            return picked
+        now = self._clock()
+        if any(r.usable(now) for r, _ in picked):
+            return None
+        raise self._why_busy(query, stream, picked, now)
+
+    def _pick(
+        self, query: Mapping[str, str], stream: bool, exclude: Collection[str]
+    ) -> Choice | list[tuple[ReplicaRecord, Capability]]:
+        """:meth:`choose`'s pick, or every match when none of them can take a request."""
         found = self.candidates(query, stream, exclude)
         if not found:
             raise NoMatchingCapability(self.describe_miss(query, stream, exclude))
         now = self._clock()
         ready = [(r, c) for r, c in found if r.usable(now) and r.stats.in_flight < r.max_in_flight]
         if not ready:
-            raise self._why_busy(query, stream, found, now)
+            return found
         least = min(r.stats.in_flight for r, _ in ready)
         ties = [(r, c) for r, c in ready if r.stats.in_flight == least]
         turn_key = (tuple(sorted(query.items())), stream)
@@ -731,14 +766,6 @@ class Registry:
             capability=capability,
             candidates=tuple((r.replica_id, r.stats.in_flight) for r, _ in found),
         )
-
-    def acquire(
-        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
-    ) -> Choice:
-        """:meth:`choose`, and count the request in flight on the chosen replica."""
-        choice = self.choose(query, stream, exclude)
-        self.begin(choice)
-        return choice
 
     def describe_miss(
         self, query: Mapping[str, str], stream: bool, exclude: Iterable[str] = ()

@@ -14,7 +14,8 @@ import pytest
 
 from anyserve import api_server
 from anyserve.api_server import LOG_FORMAT, ApiServerConfig, FastInfo, create_app
-from anyserve.registry import Registry
+from anyserve.errors import NotFound
+from anyserve.registry import NoHealthyReplica, Registry
 
 
 @contextlib.contextmanager
@@ -74,7 +75,7 @@ def test_fast_info_stands_aside_for_other_logging_setups() -> None:
 class BrokenRegistry(Registry):
     """A registry with a bug in it, on the infer routes' way."""
 
-    def acquire(self, *args: Any, **kwargs: Any) -> Any:
+    def candidates(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret internals")
 
 
@@ -123,3 +124,24 @@ def test_infer_routes_answer_errors_as_before() -> None:
     reply = call(Registry(), "GET", "/infer/json")
     assert reply.status_code == 405
     assert reply.headers["X-Request-ID"]
+
+
+def test_try_acquire_is_acquire_with_none_for_saturated() -> None:
+    registry = Registry()
+    registry.register(
+        {
+            "replica_id": "r",
+            "endpoint": "127.0.0.1:1",
+            "capabilities": [{"type": "a"}],
+            "max_in_flight": 1,
+        }
+    )
+    first = registry.try_acquire({"type": "a"})
+    assert first is not None and first.replica_id == "r"
+    assert registry.try_acquire({"type": "a"}) is None  # at its limit: the caller waits
+    with pytest.raises(NotFound):
+        registry.try_acquire({"type": "b"})
+    registry.finish(first, 1.0, True)
+    registry.set_health(first.record, False, "no answer")
+    with pytest.raises(NoHealthyReplica):  # not a wait: nothing usable would free up
+        registry.try_acquire({"type": "a"})

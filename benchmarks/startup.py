@@ -155,9 +155,22 @@ def up_and_reload(children: Children, settings: Settings) -> dict[str, Any]:
         settings.progress(f"anyserve up: {len(GROUPS)} replicas registered in {up_s:.2f} s")
         up = {"status": "ok", "registered_s": round(up_s, 3), "replicas": len(GROUPS)}
         up.update({key: round(value, 3) for key, value in seen.items()})
+        # A save while a replica is still starting (registered, but not yet seen ready by
+        # the supervisor) kills and restarts it rather than reloading it in turn: that is
+        # start-up, not the reload this figure is about. Wait until up says every slot is
+        # ready (bounded: if the message changes, the reloads still run).
+        with contextlib.suppress(RuntimeError):
+            wait_until(lambda: _ready_slots(child) >= len(GROUPS), 10.0, "every slot ready")
         return {"up": up, "reload": _reloads(child, work, url, settings)}
     finally:
         children.stop(child, signal.SIGINT, grace=20)
+
+
+def _ready_slots(child: Child) -> int:
+    """How many replica slots ``anyserve up`` has said are ready (``<group>.0 | ... ready``)."""
+    child.check()
+    lines = child.log.read_text(errors="replace").splitlines()
+    return len({line.split("|", 1)[0] for line in lines if "] ready (registered)" in line})
 
 
 def _reloads(child: Child, work: Path, url: str, settings: Settings) -> dict[str, Any]:

@@ -148,6 +148,7 @@ class Reload:
     phase: str = "next"
     deadline: float = 0.0
     again: bool = False
+    old_state: str = ""
 
 
 class _Reply:
@@ -843,9 +844,11 @@ class Supervisor:
             if old is None:
                 op.slots.pop(0)
                 return
-            if old.child is None or old.state != "ready":
-                # Nothing serves in this slot (crashed, backing off, still starting): no
-                # traffic to protect, so start it with the new code right away.
+            if old.child is None or old.state not in ("ready", "starting"):
+                # Nothing serves in this slot (crashed, backing off, stuck): no traffic to
+                # protect, so start it with the new code right away. A process still starting
+                # may already be registered (and receiving requests) before the registry poll
+                # notices, so it is replaced the rolling way like a ready one.
                 op.slots.pop(0)
                 if old.child is None:
                     old.retry_at = now
@@ -861,6 +864,7 @@ class Supervisor:
             candidate.restarts = old.restarts
             self.procs.append(candidate)
             self._spawn(candidate, port=port)
+            op.old_state = old.state
             old.state = "reloading"
             op.old, op.candidate = old, candidate
             op.phase = "wait_ready"
@@ -899,7 +903,7 @@ class Supervisor:
                 last = cand.stderr_tail[-1].strip() if cand.stderr_tail else ""
                 message = f"reload failed: new process {why}" + (f": {last}" if last else "")
                 if old.child is not None:
-                    old.state = "ready"
+                    old.state = op.old_state or "ready"
                     old.message = message + " (old code still serving; save again to retry)"
                 else:
                     old.message = message

@@ -45,7 +45,14 @@ from starlette.routing import Match, Route
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.errors import AnyServeError, BadRequest, HandlerError, NotFound, PayloadTooLarge
-from anyserve.tensors import DATATYPE_FIELD, dumps, loads, request_from_json, response_to_json
+from anyserve.tensors import (
+    DATATYPE_FIELD,
+    RAW_STRUCT_CODE,
+    dumps,
+    loads,
+    request_from_json,
+    response_to_json,
+)
 
 if TYPE_CHECKING:
     from anyserve.api_server import Gateway, Routing
@@ -76,21 +83,6 @@ _BINARY = "application/octet-stream"
 # The header keys a v2 path sets; a client's X-Capability-Type/-Model headers yield to it.
 _PATH_HEADERS = {"type": b"x-capability-type", "model": b"x-capability-model"}
 
-# Little-endian struct codes of the fixed-size datatypes (BYTES is length-prefixed).
-_STRUCT: dict[str, str] = {
-    "BOOL": "?",
-    "INT8": "b",
-    "INT16": "h",
-    "INT32": "i",
-    "INT64": "q",
-    "UINT8": "B",
-    "UINT16": "H",
-    "UINT32": "I",
-    "UINT64": "Q",
-    "FP16": "e",
-    "FP32": "f",
-    "FP64": "d",
-}
 _LENGTH = struct.Struct("<I")
 # The catch-all route takes every method, so that a wrong one on a v2 path is answered here.
 _ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -127,7 +119,7 @@ def _element_count(datatype: str, raw: bytes, where: str) -> int:
     """How many elements ``raw`` holds; 400 when it is not a whole number of them."""
     if datatype == "BYTES":
         return len(split_bytes(raw, where))
-    code = _STRUCT.get(datatype)
+    code = RAW_STRUCT_CODE.get(datatype)
     if code is None:
         raise BadRequest(
             f"{where}: datatype {datatype!r} is not supported; expected one of "
@@ -166,7 +158,7 @@ def raw_tensor(tensor: Any) -> bytes:
         if not all(isinstance(v, bytes) for v in values):
             raise HandlerError(f"tensor {tensor.name!r}: BYTES output holds numbers, not bytes")
         return _join_bytes(values)
-    code = _STRUCT.get(tensor.datatype)
+    code = RAW_STRUCT_CODE.get(tensor.datatype)
     if code is None:
         raise HandlerError(f"tensor {tensor.name!r}: cannot encode datatype {tensor.datatype!r}")
     try:
@@ -190,7 +182,7 @@ def _fill_from_raw(tensor: Any, raw: bytes) -> None:
             values: Sequence[Any] = split_bytes(raw, f"output {tensor.name!r}")
         else:
             count = _element_count(tensor.datatype, raw, f"output {tensor.name!r}")
-            values = struct.unpack(f"<{count}{_STRUCT[tensor.datatype]}", raw)
+            values = struct.unpack(f"<{count}{RAW_STRUCT_CODE[tensor.datatype]}", raw)
     except BadRequest as exc:  # the handler's raw data is malformed: its error, not the client's
         raise HandlerError(exc.message) from None
     getattr(tensor.contents, field).extend(values)

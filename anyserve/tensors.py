@@ -106,8 +106,9 @@ _NARROW: dict[str, tuple[int, int]] = {
     "UINT16": (0, 2**16 - 1),
 }
 
-# Little-endian struct codes for raw_input_contents (BYTES is length-prefixed, handled apart).
-_RAW_CODE: dict[str, str] = {
+#: Little-endian struct codes of the fixed-size datatypes in raw tensor contents (BYTES is
+#: length-prefixed, handled apart); shared with the KServe v2 binary extension.
+RAW_STRUCT_CODE: dict[str, str] = {
     "BOOL": "?",
     "INT8": "b",
     "INT16": "h",
@@ -905,7 +906,7 @@ def _raw_values(request: Any, index: int, tensor: Any) -> list[Any] | None:
     raw = raw_list[index]
     if tensor.datatype == "BYTES":
         return list(_split_length_prefixed(raw, tensor.name))
-    code = _RAW_CODE.get(tensor.datatype)
+    code = RAW_STRUCT_CODE.get(tensor.datatype)
     if code is None:
         raise BadRequest(
             f"input {tensor.name!r}: cannot decode raw contents of {tensor.datatype!r}"

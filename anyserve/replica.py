@@ -494,6 +494,7 @@ class Replica:
             delegator, visited = self._delegate_check(query, metadata, False)
             log.info("request %s: delegating %s", ctx.request_id, query)
             return await delegator.forward(query, request, ctx, visited)
+        _name_model(request, handler)
         self._in_flight += 1
         try:
             args: tuple[Any, ...] = (request, ctx)[: handler.arity]
@@ -554,6 +555,7 @@ class Replica:
             except AnyServeError as exc:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
             return
+        _name_model(request, handler)
         stream = Stream()
         # The RPC ends (client gone, deadline, server stop): the handler's next send raises.
         context.add_done_callback(lambda _ctx: stream.cancel())
@@ -728,6 +730,16 @@ class Replica:
         if self.delegator is not None:
             await self.delegator.aclose()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _name_model(request: pb.ModelInferRequest, handler: Handler) -> None:
+    """A request routed by capability headers names no model: name it after the capability
+    (model name = ``type``, version = ``model``), so replies built from it say who answered."""
+    if not request.model_name:
+        attrs = handler.capability.attrs
+        request.model_name = as_text(attrs.get("type", ""))
+        if not request.model_version and "model" in attrs:
+            request.model_version = as_text(attrs["model"])
 
 
 def _retry_after(value: str | None, default: float) -> float:

@@ -69,6 +69,8 @@ def test_matched_capability_metadata_picks_the_handler(stub_for, tmp_path) -> No
         ],
     )
     assert output_text(resp) == "[Chat Response] You said: x"
+    # Routed by capability, the request named no model: the reply names the capability.
+    assert (resp.model_name, resp.model_version) == ("chat", "demo")
 
 
 def test_stream_app_yields_eleven_tokens(stub_for) -> None:  # type: ignore[no-untyped-def]

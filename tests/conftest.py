@@ -244,6 +244,32 @@ def start_replica(
     return replica
 
 
+#: The chat and streaming demo apps with their replica ids, for tests that need a small cluster.
+DEMO_APPS = (
+    ("examples.mvp_demo.chat_app:app", "chat"),
+    ("examples.mvp_demo.stream_app:app", "stream"),
+)
+
+
+def start_cluster(
+    procs: Procs, tmp: Path, apps: tuple[tuple[str, str], ...] = DEMO_APPS
+) -> ApiServer:
+    """An API server and one replica per ``(app, replica_id)``, sharing a store under ``tmp``."""
+    server = start_api_server(procs, extra=["--object-store", str(tmp / "objects")])
+    for app, replica_id in apps:
+        start_replica(
+            procs,
+            app,
+            api_server=server,
+            object_store=tmp / "objects",
+            replica_id=replica_id,
+            env={"ANYSERVE_DEMO_TOKEN_DELAY": "0"},
+            wait=False,
+        )
+    server.wait_registered(len(apps), timeout=30)
+    return server
+
+
 def wait_for_grpc(replica: Replica, timeout: float = 15.0) -> None:
     import grpc
 

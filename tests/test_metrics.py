@@ -12,7 +12,7 @@ import pytest
 from anyserve.api_server import ApiServerConfig, create_app
 from anyserve.registry import LATENCY_BUCKETS, Registry
 
-from .conftest import ApiServer, Procs, start_api_server, start_replica
+from .conftest import ApiServer, Procs, start_cluster
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -119,23 +119,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     tmp = tmp_path_factory.mktemp("metrics")
     procs = Procs(tmp)
     try:
-        server = start_api_server(procs, extra=["--object-store", str(tmp / "objects")])
-        env = {"ANYSERVE_DEMO_TOKEN_DELAY": "0"}
-        for app, rid in [
-            ("examples.mvp_demo.chat_app:app", "chat"),
-            ("examples.mvp_demo.stream_app:app", "stream"),
-        ]:
-            start_replica(
-                procs,
-                app,
-                api_server=server,
-                object_store=tmp / "objects",
-                replica_id=rid,
-                env=env,
-                wait=False,
-            )
-        server.wait_registered(2, timeout=30)
-        yield server
+        yield start_cluster(procs, tmp)
     finally:
         procs.stop_all()
 

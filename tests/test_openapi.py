@@ -16,7 +16,7 @@ from anyserve.api_server import ROUTES, ApiServerConfig, create_app
 from anyserve.openapi import document
 from anyserve.registry import Registry
 
-from .conftest import ApiServer, Procs, start_api_server, start_replica
+from .conftest import ApiServer, Procs, start_cluster
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -95,23 +95,7 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     tmp = tmp_path_factory.mktemp("openapi")
     procs = Procs(tmp)
     try:
-        api = start_api_server(procs, extra=["--object-store", str(tmp / "objects")])
-        env = {"ANYSERVE_DEMO_TOKEN_DELAY": "0"}
-        for app, rid in [
-            ("examples.mvp_demo.chat_app:app", "chat"),
-            ("examples.mvp_demo.stream_app:app", "stream"),
-        ]:
-            start_replica(
-                procs,
-                app,
-                api_server=api,
-                object_store=tmp / "objects",
-                replica_id=rid,
-                env=env,
-                wait=False,
-            )
-        api.wait_registered(2, timeout=30)
-        yield api
+        yield start_cluster(procs, tmp)
     finally:
         procs.stop_all()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from anyserve import AnyServe, Context, ModelInferRequest, ModelInferResponse, Stream
 from anyserve.tensors import input_text, make_response, stream_chunk
+from tests.apps.slow_stream import tick_until_cancelled
 
 app = AnyServe(name="reliability")
 
@@ -70,16 +71,7 @@ def tick(request: ModelInferRequest, context: Context, stream: Stream) -> None:
     """A token every 20 ms until cancelled (or 30 s); ``ended-<tag>`` says how it ended."""
     tag = _tag(request)
     (_dir() / f"started-{tag}").write_text(context.replica_id)
-    sent = 0
-    try:
-        while sent * 0.02 < PATIENCE:
-            stream.send(stream_chunk(request, f"t{sent}"))
-            sent += 1
-            time.sleep(0.02)
-    except Exception as exc:
-        (_dir() / f"ended-{tag}").write_text(f"{type(exc).__name__} after {sent}")
-        raise
-    (_dir() / f"ended-{tag}").write_text(f"finished after {sent}")
+    tick_until_cancelled(request, stream)
 
 
 @app.capability(type="stall", stream=True)

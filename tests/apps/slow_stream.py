@@ -44,6 +44,11 @@ def slow(request: ModelInferRequest, context: Context, stream: Stream) -> None:
 @app.capability(type="ticker", stream=True)
 def ticker(request: ModelInferRequest, context: Context, stream: Stream) -> None:
     """Send a token every 20 ms for up to 30 s; write how it ended to ``ended-<tag>``."""
+    tick_until_cancelled(request, stream)
+
+
+def tick_until_cancelled(request: ModelInferRequest, stream: Stream) -> None:
+    """The ticker's loop, shared with the reliability test app."""
     tag = _tag(request)
     sent = 0
     try:

@@ -96,7 +96,22 @@ MAX_QUEUE = 64
 #: their number is bounded only by this.
 MAX_WAITING = 4096
 
+#: Capabilities one registration may declare, attributes one capability may have, and how
+#: long a key or a value's text may be. A real app declares a handful of each; the bounds keep
+#: one registration from making every lookup, 404 message and dashboard row expensive (40,000
+#: capabilities in one 1 MiB body made each 404 take seconds before they existed).
+MAX_CAPABILITIES = 256
+MAX_ATTRIBUTES = 32
+MAX_KEY_LENGTH = 64
+MAX_VALUE_LENGTH = 256
+#: How many distinct capabilities a 404 message lists before it says "and more".
+MISS_LISTED = 20
+
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+# Keys travel as X-Capability-<Key> headers and gRPC metadata: printable ASCII, no spaces.
+_KEY_CHARS = frozenset(map(chr, range(0x21, 0x7F)))
+# Control characters (C0, DEL, C1) would forge lines in logs and terminals.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Conflict(AnyServeError):
@@ -221,6 +236,8 @@ class Capability:
     match_keys: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     #: The ``anyserve-capability`` gRPC metadata value, precomputed for the same reason.
     metadata: str = field(default="", compare=False, repr=False)
+    #: How it is shown (:func:`capability_text`), precomputed: 404 messages list many.
+    label: str = field(default="", compare=False, repr=False)
 
     @classmethod
     def parse(cls, raw: Any) -> Capability:
@@ -230,15 +247,30 @@ class Capability:
         stream = raw.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"capability 'stream' must be true or false, got {stream!r}")
+        if len(raw) - ("stream" in raw) > MAX_ATTRIBUTES:
+            raise BadRequest(f"a capability may have at most {MAX_ATTRIBUTES} attributes")
         attrs: dict[str, Any] = {}
         for key, value in raw.items():
-            if not isinstance(key, str) or not key:
-                raise BadRequest(f"capability keys must be non-empty strings, got {key!r}")
+            if (
+                not isinstance(key, str)
+                or not 0 < len(key) <= MAX_KEY_LENGTH
+                or not set(key) <= _KEY_CHARS
+            ):
+                raise BadRequest(
+                    f"capability keys must be 1 to {MAX_KEY_LENGTH} printable ASCII characters "
+                    f"without spaces, got {_shorten(key)}"
+                )
             if key == "stream":
                 continue
             if value is None or not isinstance(value, (str, int, float, bool)):
                 raise BadRequest(
-                    f"capability {key!r} must be a string, number or boolean, got {value!r}"
+                    f"capability {key!r} must be a string, number or boolean, got {_shorten(value)}"
+                )
+            text = value_text(value)
+            if len(text) > MAX_VALUE_LENGTH or _CONTROL.search(text):
+                raise BadRequest(
+                    f"capability {key!r}: a value is at most {MAX_VALUE_LENGTH} characters "
+                    f"without control characters, got {_shorten(value)}"
                 )
             attrs[key] = value
         if not attrs:
@@ -253,6 +285,7 @@ class Capability:
                 separators=(",", ":"),
                 ensure_ascii=True,
             ),
+            label=capability_text(attrs, stream),
         )
 
     def matches(self, query: Mapping[str, str], stream: bool) -> bool:
@@ -267,7 +300,7 @@ class Capability:
         return {**self.attrs, "stream": True} if self.stream else dict(self.attrs)
 
     def __str__(self) -> str:
-        return capability_text(self.attrs, self.stream)
+        return self.label or capability_text(self.attrs, self.stream)
 
 
 class CapabilityStats:
@@ -503,16 +536,20 @@ class Registry:
 
     # ------------------------------------------------------------------ membership
 
-    def register(self, body: Any) -> ReplicaRecord:
+    def register(self, body: Any, *, trusted: bool = False) -> ReplicaRecord:
         """Add or replace a replica from a ``/register`` body; all-or-nothing.
 
         Raises :class:`BadRequest` for a malformed body, :class:`Forbidden` for an endpoint
-        the policy refuses and :class:`RegistryFull` for a new id when the registry is full
-        (and changes nothing).
+        the policy refuses or for a live record owned by a replica process (see
+        :meth:`_check_owner`; ``trusted`` is a caller that showed the token),
+        :class:`Conflict` for one owned by another instance, and :class:`RegistryFull`
+        for a new id when the registry is full (and changes nothing).
         """
         replica_id, endpoint, capabilities, instance, max_in_flight = self._parse(body)
         now, wall = self._clock(), self._wall()
         previous = self._records.get(replica_id)
+        if previous is not None and not self._expired(previous, now):
+            self._check_owner(previous, instance, "register", trusted)
         if previous is None and self.max_replicas <= sum(
             1 for r in self._records.values() if not self._expired(r, now)
         ):
@@ -542,7 +579,7 @@ class Registry:
         self._dispatch(record)
         return record
 
-    def heartbeat(self, body: Any) -> tuple[ReplicaRecord, bool]:
+    def heartbeat(self, body: Any, *, trusted: bool = False) -> tuple[ReplicaRecord, bool]:
         """Renew a lease; returns ``(record, registered)``.
 
         A heartbeat for an unknown id registers it (``registered`` is True), which is
@@ -559,8 +596,8 @@ class Registry:
                     f"replica {replica_id!r} was unregistered and is not re-registered by "
                     "its heartbeats; restart it (or POST /register) to serve again"
                 )
-            return self.register(body), True
-        self._check_owner(record, instance, "heartbeat")
+            return self.register(body, trusted=trusted), True
+        self._check_owner(record, instance, "heartbeat", trusted)
         record.renewed = self._clock()
         record.last_heartbeat = self._wall()
         # A heartbeat carries the full registration, so it also refreshes what changed.
@@ -576,10 +613,14 @@ class Registry:
         record = self._records.get(replica_id) if isinstance(replica_id, str) else None
         return record is not None and not self._expired(record, self._clock())
 
-    def unregister(self, replica_id: Any, instance: Any = None) -> ReplicaRecord | None:
-        """Remove a record if ``instance`` is its owner (or omitted); None if unknown.
+    def unregister(
+        self, replica_id: Any, instance: Any = None, *, trusted: bool = False
+    ) -> ReplicaRecord | None:
+        """Remove a record if ``instance`` is its owner; None if unknown.
 
-        Raises :class:`Conflict` (and keeps the record) when another instance owns it.
+        Without an instance only a record made by hand, or a ``trusted`` caller (one that
+        showed the API server's token), may remove it. Raises :class:`Conflict` or
+        :class:`Forbidden` and keeps the record otherwise (see :meth:`_check_owner`).
         """
         if not isinstance(replica_id, str) or not replica_id:
             raise BadRequest("'replica_id' must be a non-empty string")
@@ -588,7 +629,7 @@ class Registry:
         record = self._records.get(replica_id)
         if record is None:
             return None
-        self._check_owner(record, instance, "unregister")
+        self._check_owner(record, instance, "unregister", trusted)
         del self._records[replica_id]
         self._unregistered[(replica_id, record.instance)] = None
         if len(self._unregistered) > _TOMBSTONES:
@@ -777,19 +818,28 @@ class Registry:
         if excluded and self.candidates(query, stream):
             skipped = ", ".join(sorted(excluded))
             return f"{message} other than the ones the request was delegated from ({skipped})"
-        existing: list[str] = []
+        # Linear and bounded: a registry may hold thousands of capabilities, and every
+        # unauthenticated 404 builds this message on the event loop.
+        existing: dict[str, None] = {}
+        more = False
         for record in self.records():
             for capability in record.capabilities:
-                text = str(capability)
-                if text not in existing:
-                    existing.append(text)
+                if capability.label in existing:
+                    continue
+                if len(existing) == MISS_LISTED:
+                    more = True
+                    break
+                existing[capability.label] = None
+            if more:
+                break
         if not existing:
             return f"{message}; no replicas are registered (start one with `anyserve up`)"
         hint = ""
         if any(c.matches(query, not stream) for r in self.records() for c in r.capabilities):
             route = "/infer/json or /infer" if stream else "/infer/stream"
             hint = f" (a {'unary' if stream else 'streaming'} one matches: use {route})"
-        return f"{message}{hint}; registered: {', '.join(existing)}"
+        listed = ", ".join(existing) + (", and more (see /registry)" if more else "")
+        return f"{message}{hint}; registered: {listed}"
 
     def begin(self, choice: Choice) -> None:
         """A request was sent to the chosen replica (it now counts as in flight)."""
@@ -988,12 +1038,28 @@ class Registry:
         return now - record.renewed > self.lease_ttl
 
     @staticmethod
-    def _check_owner(record: ReplicaRecord, instance: str | None, action: str) -> None:
-        if instance is not None and record.instance is not None and instance != record.instance:
-            raise Conflict(
-                f"{action} refused: replica id {record.replica_id!r} belongs to another "
-                f"process (instance {record.instance}); give each replica a unique --replica-id"
+    def _check_owner(
+        record: ReplicaRecord, instance: str | None, action: str, trusted: bool
+    ) -> None:
+        """A record made by a replica process (it sent its ``instance``, a secret it never
+        shows) belongs to that process: only the same instance, or a caller holding the API
+        server's token (``trusted``) without an instance, may act on it. A record made by
+        hand, without an instance, belongs to no process and anyone may replace it."""
+        if record.instance is None or instance == record.instance:
+            return
+        if instance is None:
+            if trusted:
+                return
+            raise Forbidden(
+                f"{action} refused: replica id {record.replica_id!r} belongs to a running "
+                "replica process; only that process, or a caller with the API server's token, "
+                "may change it (stop the replica, or use the token)"
             )
+        # The instance is the lease's secret: never echo the owner's.
+        raise Conflict(
+            f"{action} refused: replica id {record.replica_id!r} belongs to another process; "
+            "give each replica a unique --replica-id"
+        )
 
     def _parse(self, body: Any) -> tuple[str, str, list[Capability], str | None, int]:
         if not isinstance(body, dict):
@@ -1021,10 +1087,17 @@ class Registry:
         raw_caps = body.get("capabilities")
         if not isinstance(raw_caps, list):
             raise BadRequest("'capabilities' must be a list of objects")
+        if len(raw_caps) > MAX_CAPABILITIES:
+            raise BadRequest(
+                f"a replica may register at most {MAX_CAPABILITIES} capabilities, "
+                f"got {len(raw_caps)}"
+            )
         capabilities = [Capability.parse(c) for c in raw_caps]
         instance = body.get("instance")
-        if instance is not None and not isinstance(instance, str):
-            raise BadRequest(f"'instance' must be a string, got {instance!r}")
+        if instance is not None and (
+            not isinstance(instance, str) or not 0 < len(instance) <= _ID_MAX
+        ):
+            raise BadRequest(f"'instance' must be a non-empty string, got {_shorten(instance)}")
         max_in_flight = body.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)
         if (
             isinstance(max_in_flight, bool)
@@ -1036,6 +1109,12 @@ class Registry:
                 f"got {max_in_flight!r}"
             )
         return replica_id, str(endpoint), capabilities, instance, max_in_flight
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: messages echo untrusted input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _most_specific(

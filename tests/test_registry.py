@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from anyserve.errors import BadRequest, NoMatchingCapability
-from anyserve.registry import Capability, Conflict, Gone, Registry, value_text
+from anyserve.registry import Capability, Conflict, Forbidden, Gone, Registry, value_text
 
 
 class FakeClock:
@@ -71,7 +71,9 @@ def test_register_and_snapshot(registry: Registry, clock: FakeClock) -> None:
 
 
 def test_register_same_id_replaces(registry: Registry) -> None:
-    registry.register(body(endpoint="127.0.0.1:1"))
+    # A registration made by hand (no instance) belongs to no process: the same id again
+    # replaces it, as the seed's curl lines expect.
+    registry.register(body(endpoint="127.0.0.1:1", instance=None))
     registry.register(body(endpoint="127.0.0.1:2", instance="i2"))
     [entry] = registry.snapshot()
     assert entry["endpoint"] == "127.0.0.1:2"
@@ -190,7 +192,7 @@ def test_unregister_only_by_owner(registry: Registry) -> None:
 def test_heartbeat_after_unregister_does_not_resurrect(registry: Registry) -> None:
     # A replica being drained keeps heartbeating until it stops; it must stay out.
     registry.register(body(instance="old"))
-    registry.unregister("r1")  # the supervisor does not know the instance
+    registry.unregister("r1", trusted=True)  # the supervisor, with the token
     with pytest.raises(Gone) as info:
         registry.heartbeat(body(instance="old"))
     assert info.value.status == 410
@@ -214,9 +216,76 @@ def test_eviction_does_not_block_reregistration(registry: Registry, clock: FakeC
 
 def test_unregister_without_instance(registry: Registry) -> None:
     registry.register(body(instance="owner"))
-    assert registry.unregister("r1") is not None
+    with pytest.raises(Forbidden) as info:
+        registry.unregister("r1")  # another local user, no token
+    assert info.value.status == 403
+    assert [r.replica_id for r in registry.records()] == ["r1"]
+    assert registry.unregister("r1", trusted=True) is not None  # with the token
     with pytest.raises(BadRequest):
         registry.unregister("")
+
+
+def test_hand_registration_is_removed_by_id(registry: Registry) -> None:
+    # The seed's curl lines: register without an instance, DELETE by id.
+    registry.register(body(instance=None))
+    assert registry.unregister("r1") is not None
+
+
+def test_an_owned_id_cannot_be_taken_over(registry: Registry) -> None:
+    registry.register(body(endpoint="127.0.0.1:1", instance="owner"))
+    with pytest.raises(Forbidden):
+        registry.register(body(endpoint="127.0.0.1:666", instance=None))
+    with pytest.raises(Conflict) as info:
+        registry.register(body(endpoint="127.0.0.1:666", instance="intruder"))
+    assert "owner" not in str(info.value)  # the lease's secret is never echoed
+    with pytest.raises(Forbidden):
+        registry.heartbeat(body(endpoint="127.0.0.1:666", instance=None))
+    assert registry.endpoints() == {"127.0.0.1:1"}
+    # The owner itself re-registers freely.
+    registry.register(body(endpoint="127.0.0.1:2", instance="owner"))
+    assert registry.endpoints() == {"127.0.0.1:2"}
+
+
+def test_a_dead_owner_frees_its_id_when_its_lease_runs_out(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.register(body(instance="crashed"))
+    clock.advance(9)
+    registry.register(body(instance="restarted"))
+    assert [r.instance for r in registry.records()] == ["restarted"]
+
+
+def test_registration_size_is_bounded(registry: Registry) -> None:
+    from anyserve.registry import MAX_ATTRIBUTES, MAX_CAPABILITIES, MAX_VALUE_LENGTH
+
+    with pytest.raises(BadRequest, match="at most"):
+        registry.register(
+            body(capabilities=[{"type": f"t{i}"} for i in range(MAX_CAPABILITIES + 1)])
+        )
+    with pytest.raises(BadRequest, match="attributes"):
+        registry.register(body(capabilities=[{f"k{i}": 1 for i in range(MAX_ATTRIBUTES + 1)}]))
+    with pytest.raises(BadRequest, match="characters"):
+        registry.register(body(capabilities=[{"type": "x" * (MAX_VALUE_LENGTH + 1)}]))
+    with pytest.raises(BadRequest, match="control"):
+        registry.register(body(capabilities=[{"type": "chat\nforged log line"}]))
+    with pytest.raises(BadRequest, match="printable"):
+        registry.register(body(capabilities=[{"ty pe": "chat"}]))
+    assert registry.records() == []
+    registry.register(body(capabilities=[{"type": f"t{i}"} for i in range(MAX_CAPABILITIES)]))
+    assert len(registry.snapshot()[0]["capabilities"]) == MAX_CAPABILITIES
+
+
+def test_miss_message_is_bounded(registry: Registry) -> None:
+    from anyserve.registry import MAX_CAPABILITIES, MAX_REPLICAS, MISS_LISTED
+
+    caps = [{"type": f"t{i}", "model": "m" * 200} for i in range(MAX_CAPABILITIES)]
+    for n in range(40):
+        registry.register(body(replica_id=f"r{n}", capabilities=caps, instance=f"i{n}"))
+    assert MAX_REPLICAS >= 40
+    message = registry.describe_miss({"type": "nope"}, stream=False)
+    assert message.count("type=t") == MISS_LISTED
+    assert message.endswith("and more (see /registry)")
+    assert len(message) < 10_000
 
 
 # ---------------------------------------------------------------------- routing

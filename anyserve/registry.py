@@ -24,6 +24,7 @@ import ipaddress
 import itertools
 import json
 import re
+import socket
 import time
 from bisect import bisect_left
 from collections import deque
@@ -195,13 +196,37 @@ def parse_endpoint(endpoint: Any) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (as :func:`parse_endpoint` returns it) names this machine only."""
+Resolver = Callable[[str], list[str]]
+"""Host name → its addresses (``localhost_addresses`` by default; tests inject a fake DNS)."""
+
+
+def localhost_addresses(name: str) -> list[str]:
+    """Every address the system resolver gives ``name``; empty when it does not resolve."""
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
+def is_loopback(host: str, resolve: Resolver = localhost_addresses) -> bool:
+    """Whether ``host`` (as :func:`parse_endpoint` returns it) names this machine only.
+
+    An address is judged as it is. Of host names only ``localhost`` and ``*.localhost`` can
+    be loopback, and only when every address they resolve to is: ``/etc/hosts`` (or a DNS
+    answer) may map ``evil.localhost`` anywhere. Other names are not resolved at all, so a
+    registrant cannot make the API server wait on DNS.
+    """
     name = host.strip("[]").lower().removesuffix(".")
     if name == "localhost" or name.endswith(".localhost"):
-        return True
+        addresses = resolve(name)
+        return bool(addresses) and all(_loopback_address(a) for a in addresses)
+    return _loopback_address(name)
+
+
+def _loopback_address(text: str) -> bool:
     try:
-        address = ipaddress.ip_address(name)
+        address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return False  # a host name: where it points is not known without resolving it
     mapped = getattr(address, "ipv4_mapped", None)
@@ -508,6 +533,7 @@ class Registry:
         max_replicas: int = MAX_REPLICAS,
         max_queue: int = MAX_QUEUE,
         loopback_only: bool = False,
+        resolve: Resolver = localhost_addresses,
     ) -> None:
         if lease_ttl <= 0 or heartbeat_interval <= 0:
             raise ValueError("lease_ttl and heartbeat_interval must be positive")
@@ -516,6 +542,7 @@ class Registry:
         self.max_replicas = max_replicas
         self.max_queue = max_queue
         self.loopback_only = loopback_only
+        self._resolve = resolve
         self._clock = clock
         self._wall = wall
         self._records: dict[str, ReplicaRecord] = {}
@@ -1078,7 +1105,7 @@ class Registry:
             )
         endpoint = body.get("endpoint")
         host, _ = parse_endpoint(endpoint)
-        if self.loopback_only and not is_loopback(host):
+        if self.loopback_only and not is_loopback(host, self._resolve):
             raise Forbidden(
                 f"replica {replica_id!r} at {endpoint}: without a token only endpoints on this "
                 "machine (127.0.0.1, ::1, localhost) may register; give the API server and the "

@@ -389,3 +389,25 @@ def test_latency_window_is_bounded(registry: Registry) -> None:
     stats = choice.record.stats
     assert len(stats.latencies_ms) < 5000
     assert stats.percentile(0.5) is not None and stats.percentile(0.5) > 4000  # recent only
+
+
+def test_localhost_names_are_judged_by_what_they_resolve_to(clock: FakeClock) -> None:
+    # A fake DNS at the edge: /etc/hosts (or a resolver) may map *.localhost anywhere.
+    hosts = {"localhost": ["127.0.0.1", "::1"], "evil.localhost": ["10.1.2.3"]}
+    registry = Registry(
+        clock=clock, wall=clock, loopback_only=True, resolve=lambda name: hosts.get(name, [])
+    )
+    registry.register(body(replica_id="ok", endpoint="localhost:50051"))
+    for endpoint in ("evil.localhost:50051", "unknown.localhost:50051", "example.com:1"):
+        with pytest.raises(Forbidden):
+            registry.register(body(replica_id="evil", endpoint=endpoint))
+    assert [r.replica_id for r in registry.records()] == ["ok"]
+
+
+def test_is_loopback_with_the_system_resolver() -> None:
+    from anyserve.registry import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("[::1]") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("10.0.0.1") and not is_loopback("example.com")
+    # Not in /etc/hosts and no resolver answers for it here: refused, not trusted by its name.
+    assert not is_loopback("anyserve-test-unmapped.localhost")

@@ -916,7 +916,8 @@ def _open_private_dir(name: str, path: str, parent_fd: int | None, parent: str |
         fd = os.open(where, _DIR_FLAGS, dir_fd=parent_fd)
     except OSError as exc:
         # A symlink could be re-pointed by whoever owns it: only the real directory will do.
-        if exc.errno == errno.ELOOP:
+        # (Which of ELOOP and ENOTDIR a symlink gives depends on the kernel and flags.)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(where, parent_fd):
             raise ObjectStoreError(
                 f"object store path {path} is a symlink; refusing it. Use the real directory path"
             ) from None
@@ -933,6 +934,13 @@ def _open_private_dir(name: str, path: str, parent_fd: int | None, parent: str |
         os.close(fd)
         raise
     return fd
+
+
+def _is_symlink(name: str, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _check_private(st: os.stat_result, path: str) -> None:

@@ -765,30 +765,25 @@ def _check_json(fd: int, key: str) -> None:
         _load_json(f.readall(), key, BadRequest)
 
 
-# Scanning for nesting: the next bracket or string opening, then a string's remainder up
-# to its closing quote (escapes skipped). Neither pattern backtracks, so the scan is linear.
-_JSON_TOKEN_RE = re.compile(rb'["\[\]{}]')
-_JSON_STRING_TAIL_RE = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string, escapes included. An unterminated one runs to the end of the data instead
+# of failing, so the pattern never backtracks or retries: one linear pass strips them all.
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def _check_json_depth(data: bytes, key: str) -> None:
     """Raise :class:`BadRequest` if ``data`` nests arrays/objects deeper than the limit.
 
-    Iterative and over the bytes as they are, so it costs no recursion and no copy. Brackets
-    inside strings do not count. Invalid JSON is left for the parser to report.
+    Iterative, so it costs no recursion: strings are cut out (their brackets do not count),
+    the brackets kept, and their depth counted. The copies are at most the size of ``data``
+    each and short-lived. Invalid JSON is left for the parser to report.
     """
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return  # cannot nest deeper than it has brackets: the common, small case
+    brackets = _JSON_STRING_RE.sub(b"", data).translate(None, _NOT_BRACKETS)
     depth = 0
-    pos = 0
-    search = _JSON_TOKEN_RE.search
-    while (match := search(data, pos)) is not None:
-        token = data[match.start()]
-        pos = match.end()
-        if token == 0x22:  # '"': skip the string
-            tail = _JSON_STRING_TAIL_RE.match(data, pos)
-            if tail is None:
-                return  # unterminated string: not JSON, the parser says so
-            pos = tail.end()
-        elif token in (0x5B, 0x7B):  # '[' or '{'
+    for byte in brackets:
+        if byte == 0x5B or byte == 0x7B:  # '[' or '{'
             depth += 1
             if depth > MAX_JSON_DEPTH:
                 raise BadRequest(_too_deep(key))

@@ -399,6 +399,9 @@ class ObjectStore:
                     os.close(fd)
                 os.replace(meta_tmp, key + ".json", src_dir_fd=meta_fd, dst_dir_fd=meta_fd)
                 meta_tmp = None
+                # Durable before the data rename: after a power cut the data must never be
+                # newer than the sidecar that describes it.
+                _fsync_quietly(meta_fd)
                 self._step("meta-renamed")
                 os.replace(data_tmp, key, src_dir_fd=root_fd, dst_dir_fd=root_fd)
                 data_tmp = None
@@ -412,8 +415,7 @@ class ObjectStore:
                 _unlink_quietly(data_tmp, root_fd)
             if meta_tmp is not None:
                 _unlink_quietly(meta_tmp, meta_fd)
-        # Make the renames themselves durable; best effort, some filesystems refuse.
-        _fsync_quietly(meta_fd)
+        # Make the data rename itself durable; best effort, some filesystems refuse.
         _fsync_quietly(root_fd)
         return ObjRef(key, self._data_path(key), sink.size, content_type, created_at)
 

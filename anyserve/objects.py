@@ -5,7 +5,7 @@ of a host, or mounted over NFS. Its layout::
 
     <store>/                 mode 0700, owned by the user running AnyServe
       <key>                  the object's raw data: JSON text, raw bytes or a pickle
-      .meta/<key>.json       {"key", "content_type", "created_at"}
+      .meta/<key>.json       {"key", "content_type", "created_at", "size", "ino", "previous"}
       .lock                  flock'ed while an object's metadata and data change together
       .tmp-*                 files being written, renamed into place once complete
 
@@ -13,6 +13,31 @@ Keys are plain file names, so ``ref.path`` is an ordinary file any tool can read
 write goes to a temp file in the same directory, is fsynced and then renamed over the
 final name, so a reader sees either the whole old object or the whole new one, and a
 failed write (disk full, a value that cannot be encoded, a broken upload) leaves nothing.
+
+Crashes. A write renames the metadata into place first and the data second. The metadata
+names the data file it describes (inode and size) and also carries the description of the
+data it replaces (``previous``), so a crash between the two renames leaves the old data
+paired with its own old description: a reader always sees the whole old object or the
+whole new one, never new metadata over old bytes. Data that no metadata describes (a file
+copied in by hand, or one edited in place) is served as raw bytes, which never runs code.
+
+Against other local users. The directory is opened once, when the store is created, and
+verified then: a real directory (not a symlink), owned by this user, not writable by
+others; ``.meta`` likewise. From then on every open, stat, rename, unlink and listing goes
+through those two open directory descriptors with ``O_NOFOLLOW``, never through the path
+again, so a symlink planted as an object or a swapped ``.meta`` is never followed. Before
+each operation the store also checks that its path still names the directory it opened:
+if the directory was removed or replaced (by another user re-creating
+``/tmp/anyserve-objects``, say, possibly holding planted objects and pickles), every
+operation raises :class:`ObjectStoreError` instead of quietly carrying on. Carrying on in
+the old, unlinked directory would hand out refs whose paths name the impostor's files to
+every other process, so failing loudly is the safer choice; restart (or reopen the store)
+once the path is fixed. Even if the path is swapped between that check and the operation,
+the operation acts on the original directory, never the new one.
+
+JSON is nested at most :data:`MAX_JSON_DEPTH` deep, checked by a scan over the bytes
+before parsing, so a deeply nested upload or file is refused with :class:`BadRequest`
+instead of exhausting the interpreter's recursion limit.
 """
 
 from __future__ import annotations
@@ -26,10 +51,11 @@ import math
 import os
 import pickle
 import re
+import secrets
 import stat
-import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +72,7 @@ from anyserve.errors import (
 __all__ = [
     "CONTENT_TYPES",
     "DEFAULT_PATH",
+    "MAX_JSON_DEPTH",
     "MAX_KEY_LENGTH",
     "ObjRef",
     "ObjectStore",
@@ -59,14 +86,22 @@ CONTENT_TYPES = ("json", "bytes", "pickle")
 # File names are limited to 255 bytes; the sidecar adds ".json", and a margin keeps
 # keys comfortable for the paths and URLs they end up in.
 MAX_KEY_LENGTH = 200
+# Deeper JSON is refused: real data is rarely nested a few dozen levels, and the parser
+# (and every encoder downstream) recurses once per level.
+MAX_JSON_DEPTH = 256
 
 # Letters, digits, '.', '_' and '-', never a leading '.': this rules out '.', '..', '/',
 # NUL and every other separator, and keeps the store's own hidden files out of reach.
 _KEY_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _TMP_PREFIX = ".tmp-"
+_META_DIR = ".meta"
+_LOCK_FILE = ".lock"
 # Temp files are only swept once this old, so a slow upload in another process survives
 # ``cleanup(0)``: its file's mtime moves with every chunk written.
 _TEMP_GRACE = 3600.0
+# A sidecar is a few hundred bytes; anything much larger was not written by a store.
+_MAX_META_SIZE = 64 * 1024
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def validate_key(key: object) -> str:
@@ -186,11 +221,15 @@ class ObjectStore:
 
     ``path`` is created private to the user (mode 0700) when missing; an existing path that
     is a symlink, is owned by another user or is writable by others is refused with
-    :class:`ObjectStoreError`, since whoever controls it controls what replicas read.
+    :class:`ObjectStoreError`, since whoever controls it controls what replicas read. The
+    directory is opened once and used through that descriptor; if the path is later removed
+    or replaced, operations raise :class:`ObjectStoreError` (see the module docstring).
     ``allow_pickle`` lets the store write and read pickles; leave it off unless every
     writer is trusted, because loading a pickle runs code. ``max_size`` caps each object
     (:class:`PayloadTooLarge` beyond it). ``clock`` stamps ``created_at`` and drives
-    :meth:`cleanup`.
+    :meth:`cleanup`. ``after_step``, when given, is called with the name of each step of a
+    write as it completes (``"data-written"``, ``"meta-renamed"``, ``"data-renamed"``): a
+    seam to stop a write part-way, as a crash would.
     """
 
     def __init__(
@@ -200,6 +239,7 @@ class ObjectStore:
         max_size: int | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        after_step: Callable[[str], object] | None = None,
     ) -> None:
         if max_size is not None and max_size < 0:
             raise BadRequest(f"max_size must be >= 0, not {max_size}")
@@ -209,13 +249,36 @@ class ObjectStore:
         self.allow_pickle = allow_pickle
         self.max_size = max_size
         self._clock = clock
-        self._meta_dir = os.path.join(self._root, ".meta")
-        self._lock_path = os.path.join(self._root, ".lock")
-        _private_dir(self._root, parents=True)
-        _private_dir(self._meta_dir, parents=False)
+        self._after_step = after_step
+        self._meta_dir = os.path.join(self._root, _META_DIR)
+        parent, name = os.path.split(self._root)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise ObjectStoreError(
+                f"cannot create object store directory {self._root}: {exc.strerror}"
+            ) from exc
+        self._root_fd = _open_private_dir(name, self._root, parent_fd=None, parent=parent)
+        try:
+            self._meta_fd = _open_private_dir(
+                _META_DIR, self._meta_dir, parent_fd=self._root_fd, parent=None
+            )
+        except BaseException:
+            os.close(self._root_fd)
+            raise
+        self._root_id = _identity(os.fstat(self._root_fd))
+        self._meta_id = _identity(os.fstat(self._meta_fd))
+        self._closer = weakref.finalize(self, _close_all, self._root_fd, self._meta_fd)
 
     def __repr__(self) -> str:
         return f"ObjectStore({self._root!r}, allow_pickle={self.allow_pickle})"
+
+    def close(self) -> None:
+        """Release the directory descriptors; the store is unusable afterwards.
+
+        Optional: they are also released when the store is garbage collected.
+        """
+        self._closer()
 
     # ------------------------------------------------------------------ writing
 
@@ -239,6 +302,8 @@ class ObjectStore:
         if content_type in (None, "json"):
             try:
                 encoded = json.dumps(data, ensure_ascii=False).encode()
+            except RecursionError:
+                raise BadRequest(_too_deep(key)) from None
             except (TypeError, ValueError) as exc:
                 if content_type == "json":
                     raise BadRequest(f"object {key!r} cannot be stored as JSON: {exc}") from None
@@ -250,6 +315,8 @@ class ObjectStore:
                     ) from None
             else:
                 _check_size(key, len(encoded), limit)
+                # What is stored must read back: get() refuses JSON nested deeper.
+                _check_json_depth(encoded, key)
                 return self._write(key, "json", lambda sink: sink.write(encoded), limit)
         elif not self.allow_pickle:
             raise ObjectStoreError(_pickle_disabled(f"cannot store object {key!r} as a pickle"))
@@ -274,7 +341,8 @@ class ObjectStore:
 
         The object appears only once every chunk is written. Going over ``max_size`` (or the
         store's) raises :class:`PayloadTooLarge`; that, or an iterator that raises, leaves
-        nothing behind. JSON content is checked to be valid JSON before it is kept.
+        nothing behind. JSON content is checked to be valid JSON, nested at most
+        :data:`MAX_JSON_DEPTH` deep, before it is kept.
         """
         key = self._new_key() if key is None else validate_key(key)
         if content_type not in CONTENT_TYPES:
@@ -302,42 +370,69 @@ class ObjectStore:
     ) -> ObjRef:
         """Write via ``fill`` to a temp file, then rename metadata and data into place."""
         created_at = self._clock()
-        meta = json.dumps({"key": key, "content_type": content_type, "created_at": created_at})
+        root_fd, meta_fd = self._dirs()
         data_tmp: str | None = None
         meta_tmp: str | None = None
         try:
-            fd, data_tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self._root)
+            fd, data_tmp = _create_temp(root_fd)
             try:
                 sink = _Sink(fd, key, limit)
                 fill(sink)
                 os.fsync(fd)  # the data must be on disk before a rename can publish it
+                written = os.fstat(fd)
             finally:
                 os.close(fd)
-            fd, meta_tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self._meta_dir)
-            try:
-                _write_all(fd, memoryview(meta.encode()))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # Metadata first: until the data rename a new key is invisible (an orphan sidecar
-            # is ignored), and under the lock no reader pairs old data with new metadata.
+            self._step("data-written")
             with self._locked(exclusive=True):
-                os.replace(meta_tmp, self._meta_path(key))
+                # The sidecar describes the new data and the data it replaces, so whichever
+                # of the two the key holds after a crash below, it is read with its own type.
+                meta = {
+                    "key": key,
+                    **_entry(content_type, created_at, written),
+                    "previous": self._current_entry(key),
+                }
+                fd, meta_tmp = _create_temp(meta_fd)
+                try:
+                    _write_all(fd, memoryview(json.dumps(meta).encode()))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(meta_tmp, key + ".json", src_dir_fd=meta_fd, dst_dir_fd=meta_fd)
                 meta_tmp = None
-                os.replace(data_tmp, self._data_path(key))
+                # Durable before the data rename: after a power cut the data must never be
+                # newer than the sidecar that describes it.
+                _fsync_quietly(meta_fd)
+                self._step("meta-renamed")
+                os.replace(data_tmp, key, src_dir_fd=root_fd, dst_dir_fd=root_fd)
                 data_tmp = None
+                self._step("data-renamed")
         except OSError as exc:
             raise ObjectStoreError(
                 f"could not write object {key!r} to {self._root}: {exc.strerror or exc}"
             ) from exc
         finally:
-            for leftover in (data_tmp, meta_tmp):
-                if leftover is not None:
-                    _unlink_quietly(leftover)
-        # Make the renames themselves durable; best effort, some filesystems refuse.
-        _fsync_dir(self._meta_dir)
-        _fsync_dir(self._root)
+            if data_tmp is not None:
+                _unlink_quietly(data_tmp, root_fd)
+            if meta_tmp is not None:
+                _unlink_quietly(meta_tmp, meta_fd)
+        # Make the data rename itself durable; best effort, some filesystems refuse.
+        _fsync_quietly(root_fd)
         return ObjRef(key, self._data_path(key), sink.size, content_type, created_at)
+
+    def _step(self, name: str) -> None:
+        if self._after_step is not None:
+            self._after_step(name)
+
+    def _current_entry(self, key: str) -> dict[str, Any] | None:
+        """How a reader sees ``key``'s data right now, for the sidecar's ``previous``."""
+        try:
+            fd, info = self._describe(key)
+        except (ObjectNotFound, ObjectStoreError):
+            return None
+        try:
+            return _entry(info.content_type, info.created_at, os.fstat(fd))
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ reading
 
@@ -345,7 +440,8 @@ class ObjectStore:
         """The stored value: JSON as Python data, bytes as ``bytes``, a pickle as its object.
 
         ``ref`` is an :class:`ObjRef`, its dict or JSON form, a key, or a path inside the store.
-        A pickle is only loaded when the store allows pickle.
+        A pickle is only loaded when the store allows pickle. JSON nested deeper than
+        :data:`MAX_JSON_DEPTH` raises :class:`BadRequest`.
         """
         fd, info = self._open(self._key_of(ref))
         with builtins.open(fd, "rb") as f:
@@ -353,12 +449,7 @@ class ObjectStore:
             if info.content_type == "bytes":
                 return f.read()
             if info.content_type == "json":
-                try:
-                    return json.loads(f.read())
-                except ValueError as exc:
-                    raise ObjectStoreError(
-                        f"object {info.key!r} is not valid JSON: {exc}"
-                    ) from None
+                return _load_json(f.read(), info.key, ObjectStoreError)
             if info.content_type == "pickle":
                 if not self.allow_pickle:
                     raise ObjectStoreError(
@@ -394,8 +485,10 @@ class ObjectStore:
 
     def exists(self, ref: RefLike) -> bool:
         """Whether the object exists (an invalid key or outside path still raises)."""
+        key = self._key_of(ref)
+        root_fd, _ = self._dirs()
         try:
-            return stat.S_ISREG(os.lstat(self._data_path(self._key_of(ref))).st_mode)
+            return stat.S_ISREG(os.stat(key, dir_fd=root_fd, follow_symlinks=False).st_mode)
         except FileNotFoundError:
             return False
 
@@ -436,6 +529,7 @@ class ObjectStore:
 
     def _remove(self, key: str, cutoff: float | None) -> bool:
         with self._locked(exclusive=True):
+            root_fd, meta_fd = self._root_fd, self._meta_fd
             if cutoff is not None:
                 # Checked again under the lock: the key may have been written anew since
                 # cleanup listed it, and a fresh object must not be collected.
@@ -447,40 +541,71 @@ class ObjectStore:
                 if info.created_at >= cutoff:
                     return False
             try:
-                os.unlink(self._data_path(key))
+                os.unlink(key, dir_fd=root_fd)
             except FileNotFoundError:
                 return False
             except OSError as exc:
                 raise ObjectStoreError(f"could not delete object {key!r}: {exc.strerror}") from exc
-            _unlink_quietly(self._meta_path(key))
+            _unlink_quietly(key + ".json", meta_fd)
         return True
 
     def _sweep(self, temp_cutoff: float) -> None:
-        for directory in (self._root, self._meta_dir):
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if not entry.name.startswith(_TMP_PREFIX):
-                        continue
-                    with contextlib.suppress(OSError):
-                        if entry.stat(follow_symlinks=False).st_mtime < temp_cutoff:
-                            os.unlink(entry.path)
-        with self._locked(exclusive=True), os.scandir(self._meta_dir) as entries:
-            for entry in entries:
-                key, ext = os.path.splitext(entry.name)
-                if ext == ".json" and _is_key(key) and not os.path.lexists(self._data_path(key)):
-                    _unlink_quietly(entry.path)
+        for directory in self._dirs():
+            for name in _scan(directory):
+                if not name.startswith(_TMP_PREFIX):
+                    continue
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                    if st.st_mtime < temp_cutoff:
+                        os.unlink(name, dir_fd=directory)
+        with self._locked(exclusive=True):
+            for name in _scan(self._meta_fd):
+                key, ext = os.path.splitext(name)
+                if ext != ".json" or not _is_key(key):
+                    continue
+                try:
+                    os.stat(key, dir_fd=self._root_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    _unlink_quietly(name, self._meta_fd)
 
     # ------------------------------------------------------------------ helpers
+
+    def _dirs(self) -> tuple[int, int]:
+        """The verified directory descriptors, once the path is checked to still name them.
+
+        Raises :class:`ObjectStoreError` when the store directory or its ``.meta`` was removed
+        or replaced since the store opened them.
+        """
+        if not self._closer.alive:
+            raise ObjectStoreError(f"object store {self._root} is closed")
+        try:
+            current = _identity(os.lstat(self._root))
+        except OSError:
+            current = None
+        if current != self._root_id:
+            raise ObjectStoreError(
+                f"object store directory {self._root} was removed or replaced after this "
+                "store opened it; refusing to use whatever is there now (another user may "
+                "have created it). Check the directory, then restart to open it again"
+            )
+        try:
+            meta = _identity(os.stat(_META_DIR, dir_fd=self._root_fd, follow_symlinks=False))
+        except OSError:
+            meta = None
+        if meta != self._meta_id:
+            raise ObjectStoreError(
+                f"object store metadata directory {self._meta_dir} was removed or replaced "
+                "after this store opened it; refusing to use it. Restart to open the store again"
+            )
+        return self._root_fd, self._meta_fd
 
     def _data_path(self, key: str) -> str:
         return os.path.join(self._root, key)
 
-    def _meta_path(self, key: str) -> str:
-        return os.path.join(self._meta_dir, key + ".json")
-
     def _keys(self) -> builtins.list[str]:
-        with os.scandir(self._root) as entries:
-            return [e.name for e in entries if _is_key(e.name) and e.is_file(follow_symlinks=False)]
+        # Symlinks and other non-files among them are refused when list() opens them.
+        root_fd, _ = self._dirs()
+        return [name for name in _scan(root_fd) if _is_key(name)]
 
     def _key_of(self, ref: RefLike) -> str:
         """The key ``ref`` names, refusing invalid keys and paths outside the store."""
@@ -493,6 +618,8 @@ class ObjectStore:
         return key
 
     def _key_in_store(self, path: str) -> str:
+        # Only maps a path to its key; the object is then found through the store's own
+        # directory descriptor, whatever the path resolves to now.
         if "\0" in path:
             raise InvalidKey("object path must not contain NUL")
         # abspath folds '..' textually, so '<store>/../etc/passwd' lands outside and is refused.
@@ -503,13 +630,21 @@ class ObjectStore:
 
     @contextlib.contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        root_fd, _ = self._dirs()
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(_LOCK_FILE, flags, 0o600, dir_fd=root_fd)
+        except OSError as exc:
+            # ELOOP: a symlink where the lock file belongs; never followed.
+            raise ObjectStoreError(
+                f"cannot open the lock file of object store {self._root}: {exc.strerror}"
+            ) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             except OSError as exc:
-                # An NFS mount without lock support: carry on unlocked. Only a concurrent
-                # overwrite of one key can then briefly pair new metadata with old data.
+                # An NFS mount without lock support: carry on unlocked. The sidecar still
+                # names the data it describes, so readers never pair it with other data.
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
             yield
@@ -522,11 +657,14 @@ class ObjectStore:
 
     def _describe(self, key: str) -> tuple[int, ObjRef]:
         """Open the object's data and read its metadata; the caller holds the lock."""
-        path = self._data_path(key)
         try:
             # O_NOFOLLOW: a symlink planted under a valid key must not lead outside the store;
             # O_NONBLOCK: a FIFO planted there must not hang the reader.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(
+                key,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=self._root_fd,
+            )
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {key!r} in {self._root}") from None
         except OSError as exc:
@@ -539,31 +677,42 @@ class ObjectStore:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ObjectStoreError(f"object {key!r} is not a regular file")
-            meta = self._read_meta(key)
+            described = self._read_meta(key, st)
         except BaseException:
             os.close(fd)
             raise
-        # No sidecar: a file someone copied in by hand. It is served as raw bytes, which
-        # never runs code, and ages by its mtime.
-        content_type, created_at = meta or ("bytes", st.st_mtime)
-        return fd, ObjRef(key, path, st.st_size, content_type, created_at)
+        # No sidecar describing this data: a file someone copied in by hand. It is served as
+        # raw bytes, which never runs code, and ages by its mtime.
+        content_type, created_at = described or ("bytes", st.st_mtime)
+        return fd, ObjRef(key, self._data_path(key), st.st_size, content_type, created_at)
 
-    def _read_meta(self, key: str) -> tuple[str, float] | None:
+    def _read_meta(self, key: str, data: os.stat_result) -> tuple[str, float] | None:
+        """The content type and creation time the sidecar gives for the data file ``data``."""
         try:
-            fd = os.open(self._meta_path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(
+                key + ".json",
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=self._meta_fd,
+            )
         except OSError:
             return None
         with builtins.open(fd, "rb") as f:
-            try:
-                meta = json.loads(f.read())
-            except ValueError:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
+            raw = f.read(_MAX_META_SIZE + 1)
+        if len(raw) > _MAX_META_SIZE:
+            return None
+        try:
+            meta = _load_json(raw, key, BadRequest)
+        except BadRequest:
+            return None
         if not isinstance(meta, dict):
             return None
-        content_type, created_at = meta.get("content_type"), meta.get("created_at")
-        if not isinstance(content_type, str) or not isinstance(created_at, (int, float)):
-            return None
-        return content_type, float(created_at)
+        for entry in (meta, meta.get("previous")):
+            described = _describes(entry, data, legacy=entry is meta)
+            if described is not None:
+                return described
+        return None
 
 
 class _Sink:
@@ -615,10 +764,73 @@ def _check_size(key: str, size: int, limit: int | None) -> None:
 def _check_json(fd: int, key: str) -> None:
     os.lseek(fd, 0, os.SEEK_SET)
     with builtins.open(fd, "rb", buffering=0, closefd=False) as f:
-        try:
-            json.loads(f.readall())
-        except ValueError as exc:
-            raise BadRequest(f"object {key!r} is not valid JSON: {exc}") from None
+        _load_json(f.readall(), key, BadRequest)
+
+
+# A JSON string, escapes included. An unterminated one runs to the end of the data instead
+# of failing, so the pattern never backtracks or retries: one linear pass strips them all.
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _check_json_depth(data: bytes, key: str) -> None:
+    """Raise :class:`BadRequest` if ``data`` nests arrays/objects deeper than the limit.
+
+    Iterative, so it costs no recursion: strings are cut out (their brackets do not count),
+    the brackets kept, and their depth counted. The copies are at most the size of ``data``
+    each and short-lived. Invalid JSON is left for the parser to report.
+    """
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return  # cannot nest deeper than it has brackets: the common, small case
+    brackets = _JSON_STRING_RE.sub(b"", data).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for byte in brackets:
+        if byte == 0x5B or byte == 0x7B:  # '[' or '{'
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(_too_deep(key))
+        else:
+            depth -= 1
+
+
+def _load_json(data: bytes, key: str, invalid: type[Exception]) -> Any:
+    """Parse JSON ``data`` after the depth check; ``invalid`` is raised for bad syntax."""
+    _check_json_depth(data, key)
+    try:
+        return json.loads(data)
+    except RecursionError:  # a lower recursion limit than usual in this thread
+        raise BadRequest(_too_deep(key)) from None
+    except ValueError as exc:
+        raise invalid(f"object {key!r} is not valid JSON: {exc}") from None
+
+
+def _too_deep(key: str) -> str:
+    return f"object {key!r} is JSON nested more than {MAX_JSON_DEPTH} levels deep; flatten it"
+
+
+def _entry(content_type: str, created_at: float, data: os.stat_result) -> dict[str, Any]:
+    """A sidecar's description of one data file: its type and age, and which file it is."""
+    return {
+        "content_type": content_type,
+        "created_at": created_at,
+        "size": data.st_size,
+        "ino": data.st_ino,
+    }
+
+
+def _describes(entry: object, data: os.stat_result, legacy: bool) -> tuple[str, float] | None:
+    """``entry``'s content type and creation time if it describes the data file ``data``."""
+    if not isinstance(entry, dict):
+        return None
+    content_type, created_at = entry.get("content_type"), entry.get("created_at")
+    if not isinstance(content_type, str) or not isinstance(created_at, (int, float)):
+        return None
+    if "ino" not in entry and "size" not in entry:
+        # A sidecar written before they named their data: trusted as it always was.
+        return (content_type, float(created_at)) if legacy else None
+    if entry.get("ino") != data.st_ino or entry.get("size") != data.st_size:
+        return None
+    return content_type, float(created_at)
 
 
 def _unknown_type(content_type: object) -> str:
@@ -633,41 +845,104 @@ def _pickle_disabled(what: str) -> str:
     )
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(name: str, dir_fd: int) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fsync(fd)
+
+
+def _create_temp(dir_fd: int) -> tuple[int, str]:
+    """Create a fresh private temp file in ``dir_fd``: ``(fd, name)``.
+
+    ``O_EXCL`` with ``O_NOFOLLOW``: never an existing file, nor a symlink planted there.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        name = _TMP_PREFIX + secrets.token_hex(8)
         try:
-            os.fsync(fd)
-        finally:
+            return os.open(name, flags, 0o600, dir_fd=dir_fd), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temp file name")
+
+
+def _scan(dir_fd: int) -> builtins.list[str]:
+    """The names in the directory ``dir_fd``, read through a descriptor of its own.
+
+    Scanning ``dir_fd`` itself would share its read offset with other threads' scans.
+    """
+    fd = os.open(".", _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        with os.scandir(fd) as entries:
+            return [entry.name for entry in entries]
+    finally:
+        os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
             os.close(fd)
 
 
-def _private_dir(path: str, parents: bool) -> None:
-    """Create ``path`` with mode 0700, or check that an existing one is safe to use."""
+def _open_private_dir(name: str, path: str, parent_fd: int | None, parent: str | None) -> int:
+    """Create the directory ``name`` (mode 0700) if missing, open it and verify it is safe.
+
+    ``name`` is relative to ``parent_fd`` (or the directory ``parent``); ``path`` is only for
+    messages. The returned descriptor is the directory checked: a real directory (never a
+    symlink), owned by this user and not writable by others.
+    """
+    where = os.path.join(parent, name) if parent_fd is None and parent is not None else name
     try:
-        if parents:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.mkdir(path, 0o700)
+        os.mkdir(where, 0o700, dir_fd=parent_fd)
     except FileExistsError:
         pass  # checked below, like any existing directory
     except OSError as exc:
         raise ObjectStoreError(
             f"cannot create object store directory {path}: {exc.strerror}"
         ) from exc
-    # lstat: the path itself must be a real directory; a symlink could be re-pointed by
-    # whoever owns it, and another user's directory could hold planted objects.
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
+    try:
+        fd = os.open(where, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        # A symlink could be re-pointed by whoever owns it: only the real directory will do.
+        # (Which of ELOOP and ENOTDIR a symlink gives depends on the kernel and flags.)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(where, parent_fd):
+            raise ObjectStoreError(
+                f"object store path {path} is a symlink; refusing it. Use the real directory path"
+            ) from None
+        if exc.errno == errno.ENOTDIR:
+            raise ObjectStoreError(
+                f"object store path {path} exists and is not a directory"
+            ) from None
         raise ObjectStoreError(
-            f"object store path {path} is a symlink; refusing it. Use the real directory path"
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise ObjectStoreError(f"object store path {path} exists and is not a directory")
+            f"cannot open object store directory {path}: {exc.strerror}"
+        ) from exc
+    try:
+        _check_private(os.fstat(fd), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_symlink(name: str, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _check_private(st: os.stat_result, path: str) -> None:
+    # Another user's directory could hold planted objects; one others can write to could
+    # have them planted later.
     uid = os.geteuid()
     if st.st_uid != uid:
         raise ObjectStoreError(

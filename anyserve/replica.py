@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Mapping
@@ -133,6 +134,10 @@ class Delegator:
 
         self.api_server = api_server.rstrip("/")
         self.replica_id = replica_id
+        try:  # the loop the async HTTP client belongs to (the replica's)
+            self._home: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._home = None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         self._async = httpx.AsyncClient(headers=headers, limits=limits, timeout=60.0)
@@ -229,6 +234,14 @@ class Delegator:
         ctx: Context,
         timeout: float | None,
     ) -> pb.ModelInferResponse:
+        home = self._home
+        if home is not None and asyncio.get_running_loop() is not home:
+            # An async stream handler runs on a loop of its own; the client is not its to use.
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(
+                    self.forward(query, request, ctx, [], timeout), home
+                )
+            )
         return await self.forward(query, request, ctx, [], timeout)
 
     def call(
@@ -583,11 +596,8 @@ class Replica:
         """Run a stream handler to its end, then close the stream (with an error if it raised)."""
         args = (request, ctx, stream)[: handler.arity]
         try:
-            if handler.is_async and handler.is_generator:
-                async for message in handler.func(*args):
-                    stream.send(message)
-            elif handler.is_async:
-                await handler.func(*args)
+            if handler.is_async:
+                await _run_on_own_loop(handler, args, stream, ctx.request_id)
             else:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.pool, _run_sync_stream, handler, args, stream)
@@ -754,6 +764,89 @@ def _run_sync_stream(handler: Handler, args: tuple[Any, ...], stream: Stream) ->
     if handler.is_generator:
         for message in result:
             stream.send(message)
+
+
+class _OwnLoop:
+    """One async stream handler on an event loop of its own, run by :meth:`run` in a
+    thread of its own.
+
+    ``stream.send`` blocks while the client is behind; on the replica's loop that would
+    stall every request, here it pauses only this handler, so a fast async producer is
+    held to the stream's buffer like a sync one.
+    """
+
+    def __init__(self, handler: Handler, args: tuple[Any, ...], stream: Stream) -> None:
+        self.handler = handler
+        self.args = args
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._cancelled = False
+
+    async def _main(self) -> None:
+        if self.handler.is_generator:
+            async for message in self.handler.func(*self.args):
+                self.stream.send(message)
+        else:
+            await self.handler.func(*self.args)
+
+    def run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            with self._lock:
+                if self._cancelled:
+                    return
+                task = loop.create_task(self._main())
+                self._loop, self._task = loop, task
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            with self._lock:
+                self._loop = self._task = None
+            loop.close()
+
+    def cancel(self) -> None:
+        """Stop the handler at its next ``await`` (thread-safe; the RPC has ended)."""
+        with self._lock:
+            self._cancelled = True
+            if self._loop is not None and self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+
+
+async def _run_on_own_loop(
+    handler: Handler, args: tuple[Any, ...], stream: Stream, request_id: str
+) -> None:
+    """Run an async stream handler via :class:`_OwnLoop`; its exceptions raise here."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    runner = _OwnLoop(handler, args, stream)
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def target() -> None:
+        error: BaseException | None = None
+        try:
+            runner.run()
+        except Exception as exc:  # handed to the awaiting coroutine, which reports it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the replica's loop is already closed
+            loop.call_soon_threadsafe(settle, error)
+
+    # Not the handler pool: that would cap concurrent async streams at its few workers.
+    threading.Thread(target=target, name=f"stream-{request_id}", daemon=True).start()
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        runner.cancel()
+        raise
 
 
 def run(config: ReplicaConfig) -> None:

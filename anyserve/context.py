@@ -222,12 +222,16 @@ class Context:
         api_server: str | None = None,
         delegation_depth: int = 0,
         caller: Any = None,
+        authorization: str = "",
     ) -> None:
         self.replica_id = replica_id
         self.capability: dict[str, Any] = dict(capability or {})
         self.request_id = request_id
         self.api_server = api_server
         self.delegation_depth = delegation_depth
+        #: The caller's ``authorization`` metadata, passed on when this request asks
+        #: another capability: a caller gets through delegation only what it may ask for.
+        self.authorization = authorization
         self._objects = objects
         self._caller = caller
 

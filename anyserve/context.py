@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
@@ -23,20 +23,45 @@ class StreamCancelled(StreamClosed):
     """The client went away: stop generating."""
 
 
+#: How many messages a stream buffers between its handler and the gRPC writer ...
+STREAM_BUFFER_MESSAGES = 64
+#: ... and how many bytes: whichever fills first makes ``send`` wait for the client.
+STREAM_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+class Sent:
+    """What :meth:`Stream.send` returns: already done, and awaitable so that an ``async``
+    handler may write ``await stream.send(...)`` as naturally as ``stream.send(...)``."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield from ()
+
+
+_SENT = Sent()
+
+
 class Stream:
     """The channel a stream handler sends its messages through.
 
-    Thread-safe: a sync handler sends from a worker thread while the replica's event
-    loop (or any other thread iterating the stream) consumes. ``send`` blocks while
-    ``maxsize`` messages wait to be consumed, so a slow client slows the producer
-    instead of growing memory. When the client disconnects the stream is cancelled
-    and the next ``send`` raises :class:`StreamCancelled`.
+    Thread-safe: the handler sends from its own thread while the replica's event loop
+    (or any other thread iterating the stream) consumes. The buffer in between is
+    bounded (``maxsize`` messages or ``max_bytes`` bytes, whichever fills first), and
+    ``send`` blocks while it is full, so a slow client slows the producer instead of
+    growing memory. This holds for ``async def`` handlers too: the replica runs each
+    async stream handler on an event loop of its own, in a thread of its own, so a
+    blocking ``send`` pauses only that handler (``await stream.send(...)`` works as
+    well). When the client disconnects the stream is cancelled and the next ``send``
+    raises :class:`StreamCancelled`.
     """
 
-    def __init__(self, maxsize: int = 256) -> None:
-        self._items: deque[pb.ModelStreamInferResponse] = deque()
+    def __init__(
+        self, maxsize: int = STREAM_BUFFER_MESSAGES, max_bytes: int = STREAM_BUFFER_BYTES
+    ) -> None:
+        self._items: deque[tuple[pb.ModelStreamInferResponse, int]] = deque()
         self._cond = threading.Condition()
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._closed = False
         self._cancelled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -53,8 +78,11 @@ class Stream:
         """True when the client went away."""
         return self._cancelled
 
-    def send(self, message: pb.ModelStreamInferResponse | pb.ModelInferResponse) -> None:
-        """Send one message (a ``ModelStreamInferResponse`` or a bare ``ModelInferResponse``)."""
+    def send(self, message: pb.ModelStreamInferResponse | pb.ModelInferResponse) -> Sent:
+        """Send one message (a ``ModelStreamInferResponse`` or a bare ``ModelInferResponse``).
+
+        Blocks while the buffer is full; the result may be awaited but need not be.
+        """
         if isinstance(message, pb.ModelInferResponse):
             message = pb.ModelStreamInferResponse(infer_response=message)
         elif not isinstance(message, pb.ModelStreamInferResponse):
@@ -63,6 +91,7 @@ class Stream:
                 f"not {type(message).__name__}"
             )
         self._put(message)
+        return _SENT
 
     def error(self, message: str) -> None:
         """End the stream with an error the client sees as ``{"error": message}``."""
@@ -82,6 +111,7 @@ class Stream:
             self._cancelled = True
             self._closed = True
             self._items.clear()
+            self._bytes = 0
             self._cond.notify_all()
             self._wake_locked()
 
@@ -94,17 +124,26 @@ class Stream:
         except RuntimeError:
             return False
 
+    def _full_locked(self) -> bool:
+        # One message always fits, however large, or it could never be sent.
+        return bool(self._items) and (
+            len(self._items) >= self._maxsize or self._bytes >= self._max_bytes
+        )
+
     def _put(self, message: pb.ModelStreamInferResponse) -> None:
+        size = message.ByteSize()
         with self._cond:
-            # An async handler sends from the loop thread itself: it cannot block there.
+            # Sending from the consuming loop's own thread must not block: the loop that
+            # would empty the buffer is the one waiting. Handlers never send from there.
             may_block = not self._in_loop_thread()
-            while may_block and len(self._items) >= self._maxsize and not self._closed:
+            while may_block and self._full_locked() and not self._closed:
                 self._cond.wait(0.1)
             if self._cancelled:
                 raise StreamCancelled("the client went away; stop generating")
             if self._closed:
                 raise StreamClosed("send on a closed stream")
-            self._items.append(message)
+            self._items.append((message, size))
+            self._bytes += size
             self.sent += 1
             self._cond.notify_all()
             self._wake_locked()
@@ -131,7 +170,8 @@ class Stream:
                 if self._closed:
                     raise StopIteration
                 self._cond.wait()
-            item = self._items.popleft()
+            item, size = self._items.popleft()
+            self._bytes -= size
             self._cond.notify_all()
             return item
 
@@ -139,14 +179,15 @@ class Stream:
         """Consume from an event loop without a thread hop per message."""
         self._loop = asyncio.get_running_loop()
         while True:
+            item: pb.ModelStreamInferResponse | None = None
             with self._cond:
                 if self._items:
-                    item = self._items.popleft()
+                    item, size = self._items.popleft()
+                    self._bytes -= size
                     self._cond.notify_all()
                 elif self._closed:
                     return
                 else:
-                    item = None
                     waiter = self._loop.create_future()
                     self._waiter = waiter
             if item is not None:
@@ -181,12 +222,16 @@ class Context:
         api_server: str | None = None,
         delegation_depth: int = 0,
         caller: Any = None,
+        authorization: str = "",
     ) -> None:
         self.replica_id = replica_id
         self.capability: dict[str, Any] = dict(capability or {})
         self.request_id = request_id
         self.api_server = api_server
         self.delegation_depth = delegation_depth
+        #: The caller's ``authorization`` metadata, passed on when this request asks
+        #: another capability: a caller gets through delegation only what it may ask for.
+        self.authorization = authorization
         self._objects = objects
         self._caller = caller
 

@@ -4,12 +4,28 @@
 it with grpc.aio, registers with the API server once serving, heartbeats, and on
 SIGINT/SIGTERM unregisters, finishes in-flight requests within the grace period and
 exits. Sync handlers run in a bounded thread pool so they never block the loop.
+
+Who may call a replica's port: a replica must never let a caller do what the API server
+in front of it would refuse. So it follows the API server's auth mode
+(``ReplicaConfig.auth``, from ``$ANYSERVE_AUTH``, beside the token from ``$ANYSERVE_TOKEN``):
+
+* ``"all"`` with a token: every RPC but the health probes ``ServerLive`` and
+  ``ServerReady`` needs ``authorization: Bearer <token>`` metadata, else
+  ``UNAUTHENTICATED``. The API server sends its token on each call to a replica.
+* ``"writes"`` (the default) or no token: the port is open, as inference and metadata are
+  open at the API server then; nothing a replica serves is a write.
+
+A request a replica delegates (no handler here, or ``context.call``) goes to the API
+server with the *caller's* ``authorization``, never the replica's own token, so whatever
+the mode, delegation gets a caller nothing the API server would not give them directly.
+The replica's token is for its own registration and heartbeats only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import importlib
 import json
 import logging
@@ -17,6 +33,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +52,7 @@ from anyserve.context import Context, Stream, StreamClosed
 from anyserve.errors import (
     AnyServeError,
     BadRequest,
+    ConfigError,
     DeadlineExceeded,
     DelegationLoop,
     HandlerError,
@@ -44,6 +62,7 @@ from anyserve.errors import (
     Unauthorized,
     Unavailable,
 )
+from anyserve.topology import AUTH_MODES
 
 log = logging.getLogger("anyserve.replica")
 
@@ -69,6 +88,15 @@ class ReplicaConfig:
     #: Requests the API server may have in flight on this replica at once (advertised).
     max_in_flight: int = 8
     token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
+    #: The API server's ``--auth`` mode, which this replica's port follows (module docs).
+    auth: str = field(default_factory=lambda: os.environ.get("ANYSERVE_AUTH") or "writes")
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(
+                f"replica auth mode {self.auth!r} (ANYSERVE_AUTH): expected one of "
+                f"{', '.join(AUTH_MODES)}"
+            )
 
 
 class AppLoadError(AnyServeError):
@@ -125,6 +153,44 @@ def grpc_code(exc: AnyServeError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+#: RPCs open even with ``auth = "all"``: health probes carry no credentials.
+OPEN_RPCS = frozenset({"ServerLive", "ServerReady"})
+
+
+class TokenGate:
+    """Which RPCs need the bearer token on this replica's port, and whether a call has it."""
+
+    def __init__(self, token: str | None, auth: str) -> None:
+        self._token = token.encode() if token else None
+        self._all = auth == "all"
+
+    def needs_token(self, rpc: str) -> bool:
+        return self._token is not None and self._all and rpc not in OPEN_RPCS
+
+    def refusal(self, rpc: str, metadata: Mapping[str, Any]) -> str | None:
+        """Why ``rpc`` with this metadata is refused, or None to let it through."""
+        if self._token is None or not self.needs_token(rpc):
+            return None
+        presented = bearer(metadata.get("authorization"))
+        if presented is None:
+            return (
+                f"{rpc} needs the token on this replica: send "
+                "'authorization: Bearer <token>' metadata (ANYSERVE_TOKEN)"
+            )
+        if not hmac.compare_digest(presented, self._token):
+            return f"{rpc}: the bearer token is not this replica's"
+        return None
+
+
+def bearer(authorization: object) -> bytes | None:
+    """The token of an ``authorization: Bearer <token>`` value, or None."""
+    if not isinstance(authorization, str):
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token.encode() if scheme.lower() == "bearer" and token else None
+
+
 class Delegator:
     """Forwards requests through the API server (delegation and ``Context.call``)."""
 
@@ -133,10 +199,15 @@ class Delegator:
 
         self.api_server = api_server.rstrip("/")
         self.replica_id = replica_id
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:  # the loop the async HTTP client belongs to (the replica's)
+            self._home: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._home = None
+        #: For registration and heartbeats only: forwarded requests carry the caller's.
+        self.control_headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-        self._async = httpx.AsyncClient(headers=headers, limits=limits, timeout=60.0)
-        self._sync = httpx.Client(headers=headers, limits=limits, timeout=60.0)
+        self._async = httpx.AsyncClient(limits=limits, timeout=60.0)
+        self._sync = httpx.Client(limits=limits, timeout=60.0)
 
     async def aclose(self) -> None:
         await self._async.aclose()
@@ -150,6 +221,8 @@ class Delegator:
             "X-Request-ID": ctx.request_id,
             "X-Delegation-Depth": str(ctx.delegation_depth + 1),
         }
+        if ctx.authorization:
+            headers["Authorization"] = ctx.authorization
         if visited:
             headers["X-Delegated-From"] = ",".join(visited)
         if timeout is not None:
@@ -229,6 +302,14 @@ class Delegator:
         ctx: Context,
         timeout: float | None,
     ) -> pb.ModelInferResponse:
+        home = self._home
+        if home is not None and asyncio.get_running_loop() is not home:
+            # An async stream handler runs on a loop of its own; the client is not its to use.
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(
+                    self.forward(query, request, ctx, [], timeout), home
+                )
+            )
         return await self.forward(query, request, ctx, [], timeout)
 
     def call(
@@ -337,12 +418,23 @@ def _lenient(message_cls: Any) -> Any:
     return parse
 
 
-def _guard(method: Any, streaming: bool) -> Any:
-    """Answer a malformed request with INVALID_ARGUMENT (gRPC's own answer is INTERNAL)."""
+async def _refuse(gate: TokenGate, rpc: str, context: Any) -> None:
+    """Abort with UNAUTHENTICATED unless the call carries the token ``rpc`` needs."""
+    refusal = gate.refusal(rpc, dict(context.invocation_metadata() or ()))
+    if refusal is not None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+
+
+def _guard(method: Any, streaming: bool, gate: TokenGate) -> Any:
+    """Check the token, then answer a malformed request with INVALID_ARGUMENT (gRPC's own
+    answer is INTERNAL)."""
     name = method.__name__
+    gated = gate.needs_token(name)
     if streaming:
 
         async def guarded_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            if gated:
+                await _refuse(gate, name, context)
             if isinstance(request, _Malformed):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"{name}: malformed request: {request.error}"
@@ -353,6 +445,8 @@ def _guard(method: Any, streaming: bool) -> Any:
         return guarded_stream
 
     async def guarded(request: Any, context: Any) -> Any:
+        if gated:
+            await _refuse(gate, name, context)
         if isinstance(request, _Malformed):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{name}: malformed request: {request.error}"
@@ -362,8 +456,9 @@ def _guard(method: Any, streaming: bool) -> Any:
     return guarded
 
 
-def add_servicer(servicer: InferenceServicer, server: Any) -> None:
-    """Register the service like the generated adder, but with lenient request parsing."""
+def add_servicer(servicer: InferenceServicer, server: Any, gate: TokenGate) -> None:
+    """Register the service like the generated adder, but with lenient request parsing
+    and the token checked where ``gate`` says."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
@@ -375,7 +470,7 @@ def add_servicer(servicer: InferenceServicer, server: Any) -> None:
             else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = factory(
-            _guard(getattr(servicer, method.name), method.server_streaming),
+            _guard(getattr(servicer, method.name), method.server_streaming, gate),
             request_deserializer=_lenient(request_cls),
             response_serializer=response_cls.SerializeToString,
         )
@@ -465,6 +560,7 @@ class Replica:
             api_server=self.config.api_server,
             delegation_depth=depth,
             caller=self.delegator,
+            authorization=metadata.get("authorization", ""),
         )
 
     def _delegate_check(
@@ -583,11 +679,8 @@ class Replica:
         """Run a stream handler to its end, then close the stream (with an error if it raised)."""
         args = (request, ctx, stream)[: handler.arity]
         try:
-            if handler.is_async and handler.is_generator:
-                async for message in handler.func(*args):
-                    stream.send(message)
-            elif handler.is_async:
-                await handler.func(*args)
+            if handler.is_async:
+                await _run_on_own_loop(handler, args, stream, ctx.request_id)
             else:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.pool, _run_sync_stream, handler, args, stream)
@@ -629,7 +722,12 @@ class Replica:
             wait = interval
             problem = ""
             try:
-                reply = await client.post(url + path, json=self.registration(), timeout=5.0)
+                reply = await client.post(
+                    url + path,
+                    json=self.registration(),
+                    headers=self.delegator.control_headers,
+                    timeout=5.0,
+                )
             except Exception as exc:  # keep serving standalone while the API server is away
                 problem = f"API server {url} not reachable ({type(exc).__name__}); retrying"
                 path, wait = "/register", UNREACHABLE_RETRY
@@ -667,6 +765,7 @@ class Replica:
                 "DELETE",
                 self.delegator.api_server + "/unregister",
                 json={"replica_id": self.replica_id, "instance": self.instance},
+                headers=self.delegator.control_headers,
                 timeout=2.0,
             )
             log.info("unregistered %s", self.replica_id)
@@ -682,7 +781,9 @@ class Replica:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         server = grpc.aio.server(options=options)
-        add_servicer(InferenceServicer(self), server)
+        add_servicer(
+            InferenceServicer(self), server, TokenGate(self.config.token, self.config.auth)
+        )
         address = f"{self.config.host}:{self.config.port}"
         try:
             port = server.add_insecure_port(address)
@@ -754,6 +855,89 @@ def _run_sync_stream(handler: Handler, args: tuple[Any, ...], stream: Stream) ->
     if handler.is_generator:
         for message in result:
             stream.send(message)
+
+
+class _OwnLoop:
+    """One async stream handler on an event loop of its own, run by :meth:`run` in a
+    thread of its own.
+
+    ``stream.send`` blocks while the client is behind; on the replica's loop that would
+    stall every request, here it pauses only this handler, so a fast async producer is
+    held to the stream's buffer like a sync one.
+    """
+
+    def __init__(self, handler: Handler, args: tuple[Any, ...], stream: Stream) -> None:
+        self.handler = handler
+        self.args = args
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._cancelled = False
+
+    async def _main(self) -> None:
+        if self.handler.is_generator:
+            async for message in self.handler.func(*self.args):
+                self.stream.send(message)
+        else:
+            await self.handler.func(*self.args)
+
+    def run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            with self._lock:
+                if self._cancelled:
+                    return
+                task = loop.create_task(self._main())
+                self._loop, self._task = loop, task
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            with self._lock:
+                self._loop = self._task = None
+            loop.close()
+
+    def cancel(self) -> None:
+        """Stop the handler at its next ``await`` (thread-safe; the RPC has ended)."""
+        with self._lock:
+            self._cancelled = True
+            if self._loop is not None and self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+
+
+async def _run_on_own_loop(
+    handler: Handler, args: tuple[Any, ...], stream: Stream, request_id: str
+) -> None:
+    """Run an async stream handler via :class:`_OwnLoop`; its exceptions raise here."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    runner = _OwnLoop(handler, args, stream)
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def target() -> None:
+        error: BaseException | None = None
+        try:
+            runner.run()
+        except Exception as exc:  # handed to the awaiting coroutine, which reports it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the replica's loop is already closed
+            loop.call_soon_threadsafe(settle, error)
+
+    # Not the handler pool: that would cap concurrent async streams at its few workers.
+    threading.Thread(target=target, name=f"stream-{request_id}", daemon=True).start()
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        runner.cancel()
+        raise
 
 
 def run(config: ReplicaConfig) -> None:

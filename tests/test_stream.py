@@ -135,3 +135,41 @@ def test_blocked_producer_is_released_by_cancel() -> None:
     thread.join(timeout=5)
     assert not thread.is_alive()
     assert errors and isinstance(errors[0], StreamCancelled)
+
+
+def test_byte_budget_blocks_before_the_message_count_does() -> None:
+    stream = Stream(maxsize=100, max_bytes=1000)
+    big = ModelStreamInferResponse(infer_response=ModelInferResponse(id="x" * 600))
+    stream.send(big)
+    stream.send(big)  # over the budget now: the next send must wait for the consumer
+    sent = threading.Event()
+
+    def produce() -> None:
+        stream.send(big)
+        sent.set()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    assert not sent.wait(0.3)
+    next(stream)
+    assert sent.wait(5)
+    thread.join(timeout=5)
+
+
+def test_one_message_larger_than_the_budget_still_goes_through() -> None:
+    stream = Stream(max_bytes=10)
+    stream.send(ModelStreamInferResponse(infer_response=ModelInferResponse(id="x" * 100)))
+    stream.close()
+    assert [len(m.infer_response.id) for m in stream] == [100]
+
+
+def test_send_may_be_awaited() -> None:
+    stream = Stream()
+
+    async def produce() -> None:
+        await stream.send(msg("awaited"))
+        stream.send(msg("not awaited"))
+
+    asyncio.run(produce())
+    stream.close()
+    assert [m.infer_response.id for m in stream] == ["awaited", "not awaited"]

@@ -13,6 +13,8 @@ import pytest
 
 from anyserve.control import ControlServer, request, running_pid, socket_path
 from anyserve.errors import AnyServeError
+from tests.apps.up_support import cli, up_args, write_topology
+from tests.conftest import Procs, wait_until
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(
@@ -163,3 +165,25 @@ def test_a_state_dir_opened_to_others_is_not_trusted_by_the_client(tmp_path: Pat
             request(state, "ps")
     finally:
         server.close()
+
+
+@as_root
+def test_the_cli_refuses_an_impostor_socket_for_up_down_and_ps(
+    procs: Procs, tmp_path: Path
+) -> None:
+    topology = write_topology(tmp_path, "")
+    state = private_dir(tmp_path / ".anyserve")
+    path = socket_path(state)
+    with impostor(path) as fake:
+        for command in ("down", "ps"):
+            result = cli(command, "-c", str(topology), cwd=tmp_path)
+            assert result.returncode == 1, result.stderr
+            assert f"{path} is owned by uid {NOBODY}" in result.stderr
+            assert "Traceback" not in result.stderr
+        up = procs.start(up_args(topology), name="up", cwd=tmp_path)
+        wait_until(lambda: not up.alive(), timeout=30, what="`up` to refuse and exit")
+        assert up.stop() == 1
+        assert f"{path} is owned by uid {NOBODY}" in up.output()
+        assert "Traceback" not in up.output()
+        assert_never_connected(fake)
+        assert path.is_socket()

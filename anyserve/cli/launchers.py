@@ -78,9 +78,6 @@ def replica(
     )
 
 
-# ---------------------------------------------------------------------- api-server
-
-
 @commands.command(
     "api-server",
     add_help_option=False,

@@ -119,7 +119,7 @@ def _address(dir_fd: int, path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _trusted(state_dir: Path) -> Iterator[tuple[str, Path] | None]:
+def _trusted(state_dir: Path) -> Iterator[str | None]:
     """The address of a trustworthy control socket of ``state_dir``, None if none
     exists; raises when one exists that is not ours."""
     path = socket_path(state_dir)
@@ -135,7 +135,7 @@ def _trusted(state_dir: Path) -> Iterator[tuple[str, Path] | None]:
             return
         _check_private(dir_fd, path.parent)
         _check_socket(dir_fd, path)
-        yield _address(dir_fd, path), path
+        yield _address(dir_fd, path)
     finally:
         os.close(dir_fd)
 
@@ -153,7 +153,9 @@ class ControlServer:
 
     def __init__(self, state_dir: Path, handler: Handler) -> None:
         self.path = socket_path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        # A symlink (even a dangling one) is refused by _open_dir, with its name.
+        with contextlib.suppress(FileExistsError):
+            state_dir.mkdir(parents=True, exist_ok=True)
         self._dir_fd = _open_dir(state_dir)
         try:
             if os.fstat(self._dir_fd).st_uid == os.getuid():
@@ -231,8 +233,8 @@ def running_pid(state_dir: Path) -> int | None:
     """The pid of the ``up`` that owns ``state_dir``, or None if none answers.
 
     A control socket that is not this user's raises rather than counting as "none"."""
-    with _trusted(state_dir) as found:
-        if found is None or not _answers(found[0]):
+    with _trusted(state_dir) as address:
+        if address is None or not _answers(address):
             return None
     try:
         snapshot = request(state_dir, "ps", timeout=5)
@@ -244,12 +246,12 @@ def running_pid(state_dir: Path) -> int | None:
 def request(state_dir: Path, command: str, timeout: float = 15.0, **args: Any) -> Any:
     """Send one command to the ``up`` owning ``state_dir`` and return its result."""
     path = socket_path(state_dir)
-    with _trusted(state_dir) as found, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    with _trusted(state_dir) as address, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            if found is None:
+            if address is None:
                 raise FileNotFoundError
-            sock.connect(found[0])
+            sock.connect(address)
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotReachable(
                 f"no `anyserve up` is running for {state_dir.parent} (no control socket at "

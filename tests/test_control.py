@@ -152,6 +152,12 @@ def test_a_symlinked_state_dir_is_refused(tmp_path: Path) -> None:
             request(state, "ps")
     finally:
         server.close()
+    dangling = tmp_path / "gone" / ".anyserve"
+    dangling.parent.mkdir()
+    dangling.symlink_to(tmp_path / "missing")
+    with pytest.raises(AnyServeError, match=f"{dangling} is a symlink"):
+        ControlServer(dangling, handler)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_a_state_dir_opened_to_others_is_not_trusted_by_the_client(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,32 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("replica", "api-server", "up", "call", "registry", "objects"):
         assert command in result.stdout, command
+    for command in ("ps", "status", "restart", "scale", "down", "logs"):
+        # A whole word at the start of a row of the command list, not inside a help text.
+        assert re.search(rf"^\W*{command}\s", result.stdout, re.MULTILINE), command
+
+
+def test_every_audience_is_registered_at_the_top_level() -> None:
+    from anyserve.cli import command_names
+
+    assert command_names() == {
+        *("replica", "api-server", "up"),
+        *("ps", "status", "restart", "scale", "down", "logs"),
+        *("call", "registry", "objects"),
+    }
+
+
+def test_the_bare_app_form_means_replica() -> None:
+    from anyserve.cli import command_names
+    from anyserve.cli.launchers import bare_form
+
+    names = command_names()
+    assert bare_form(["pkg.mod:app", "--port", "0"], names) == [
+        "replica",
+        *("pkg.mod:app", "--port", "0"),
+    ]
+    for args in (["registry", "ls"], ["--help"], [], ["call", "a:b"]):
+        assert bare_form(args, names) == args
 
 
 def test_help_imports_nothing_heavy() -> None:

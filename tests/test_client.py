@@ -342,13 +342,13 @@ def test_no_matching_capability_class_is_a_not_found() -> None:
 
 
 def test_reply_lines() -> None:
-    from anyserve.cli import _reply_lines
+    from anyserve.cli.output import reply_lines
 
     def out(name: str, contents: dict[str, Any], shape: list[int] | None = None) -> Any:
         return {"name": name, "shape": shape or [1], "contents": contents}
 
     one = {"outputs": [out("text_output", {"bytes_contents": ["a", "b"]})]}
-    assert _reply_lines(one) == ["a", "b"]
+    assert reply_lines(one) == ["a", "b"]
     several = {
         "outputs": [
             out("status", {"bytes_contents": ["completed"]}),
@@ -357,17 +357,17 @@ def test_reply_lines() -> None:
             out("empty", {}),
         ]
     }
-    assert _reply_lines(several) == [
+    assert reply_lines(several) == [
         "status: completed",
         "m: [1, 2, 3, 4] (shape 2x2)",
         "blob: <binary, 1 item(s); use --json>",
         "empty: []",
     ]
-    assert _reply_lines({"outputs": [out("v", {"fp32_contents": [0.1]})]}) == ["v: [0.1]"]
+    assert reply_lines({"outputs": [out("v", {"fp32_contents": [0.1]})]}) == ["v: [0.1]"]
 
 
 def test_stream_printing(capsys: pytest.CaptureFixture[str]) -> None:
-    from anyserve.cli import _print_stream
+    from anyserve.cli.output import print_stream
 
     def event(token: str, finish: str = "") -> dict[str, Any]:
         return {
@@ -377,7 +377,7 @@ def test_stream_printing(capsys: pytest.CaptureFixture[str]) -> None:
             ]
         }
 
-    _print_stream([event("Hello"), event(" world", "stop")], raw=False)
+    print_stream([event("Hello"), event(" world", "stop")], raw=False)
     assert capsys.readouterr().out == "Hello world\n"
-    _print_stream([event("a")], raw=True)
+    print_stream([event("a")], raw=True)
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [event("a")]

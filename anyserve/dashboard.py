@@ -4,10 +4,16 @@ The supervisor builds a :class:`Snapshot` (plain frozen data, JSON-able through
 :meth:`Snapshot.to_dict`); the control endpoint sends the same data to ``anyserve ps``
 and ``anyserve status`` in another terminal. :class:`Dashboard` renders it through
 ``__rich__``, so a test can print it into ``Console(file=StringIO())``.
+
+Replica ids, capability values, messages and log lines come from replicas, clients and
+child output: they are drawn as :class:`~rich.text.Text` built by :func:`plain`, never
+parsed as markup (``"[/]"`` would raise) and never passed to the terminal with control
+characters in them (``"\x1b[2J"`` would clear the screen).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,13 +76,18 @@ class ReplicaView:
             value = record.get(key)
             return float(value) if isinstance(value, (int, float)) else None
 
+        def count(key: str) -> int:
+            # A malformed record must not break the frame (or `anyserve ps`).
+            value = record.get(key)
+            return int(value) if isinstance(value, (int, float)) else 0
+
         return cls(
             replica_id=str(record.get("replica_id", "?")),
             endpoint=str(record.get("endpoint", "")),
             capabilities=tuple(c for c in record.get("capabilities") or () if isinstance(c, dict)),
-            in_flight=int(record.get("in_flight") or 0),
-            requests=int(record.get("requests") or 0),
-            errors=int(record.get("errors") or 0),
+            in_flight=count("in_flight"),
+            requests=count("requests"),
+            errors=count("errors"),
             p50_ms=number("p50_ms"),
             p99_ms=number("p99_ms"),
         )
@@ -132,6 +143,15 @@ class Snapshot:
         )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(value: object, style: str = "") -> Text:
+    """``value`` as literal text: no markup, control characters shown as ``\\xNN``."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    return Text(text, style=style)
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -183,10 +203,10 @@ def process_table(snapshot: Snapshot, title: str | None = "Processes") -> Render
     problems = Text()
     for p in snapshot.processes:
         table.add_row(
-            p.name,
-            "api" if p.kind == "api server" else p.kind,
+            plain(p.name),
+            plain("api" if p.kind == "api server" else p.kind),
             str(p.pid) if p.pid else "-",
-            Text(p.state, style=STATE_STYLES.get(p.state, "")),
+            plain(p.state, style=STATE_STYLES.get(p.state, "")),
             str(p.restarts),
             format_duration(p.uptime),
             "-" if p.cpu is None else f"{p.cpu:.1f}",
@@ -201,11 +221,13 @@ def process_table(snapshot: Snapshot, title: str | None = "Processes") -> Render
         if not note:
             continue
         bad = p.state in ("crash loop", "unhealthy") or "failed" in note or "stuck" in note
-        problems.append(f"{p.name}: ", style="bold")
-        problems.append(f"{note}\n", style="red" if bad else "yellow")
+        problems.append_text(plain(f"{p.name}: ", style="bold"))
+        problems.append_text(plain(note, style="red" if bad else "yellow"))
+        problems.append("\n")
         if p.state == "crash loop":
             for line in p.stderr_tail[-3:]:
-                problems.append(f"    {line}\n", style="dim")
+                problems.append_text(plain(f"    {line}", style="dim"))
+                problems.append("\n")
     if not problems:
         return table
     problems.rstrip()
@@ -219,9 +241,10 @@ def replica_table(snapshot: Snapshot) -> Table:
         justify = "left" if column in ("REPLICA", "CAPABILITIES") else "right"
         table.add_column(column, justify=justify, no_wrap=column != "CAPABILITIES")  # type: ignore[arg-type]
     for r in sorted(snapshot.replicas, key=lambda r: r.replica_id):
+        capabilities = Text("\n").join(plain(format_capability(c)) for c in r.capabilities)
         table.add_row(
-            r.replica_id,
-            "\n".join(format_capability(c) for c in r.capabilities) or "-",
+            plain(r.replica_id),
+            capabilities or "-",
             str(r.in_flight),
             str(r.requests),
             Text(str(r.errors), style="red" if r.errors else ""),
@@ -244,8 +267,8 @@ def _lines(title: str, lines: tuple[LogLine, ...], limit: int) -> RenderableType
         # One screen line per log line, so the view does not jump as lines come and go.
         row = Text(no_wrap=True, overflow="ellipsis")
         row.append(f"{stamp} ", style="dim")
-        row.append(f"{line.name} | ", style="bold")
-        row.append(line.text, style=style)
+        row.append_text(plain(f"{line.name} | ", style="bold"))
+        row.append_text(plain(line.text, style=style))
         rows.append(row)
     return Group(*rows)
 
@@ -262,14 +285,14 @@ class Dashboard:
         s = self.snapshot
         header = Text()
         header.append("anyserve up", style="bold")
-        header.append(f"  {s.topology}  ", style="dim")
-        header.append(f"API {s.api_url} ")
+        header.append_text(plain(f"  {s.topology}  ", style="dim"))
+        header.append_text(plain(f"API {s.api_url} "))
         header.append("●" if s.api_reachable else "○", style="green" if s.api_reachable else "red")
         header.append(
             f"  up {format_duration(s.taken_at - s.started_at)}  pid {s.pid}", style="dim"
         )
         if s.state != "running":
-            header.append(f"  {s.state}", style="bold yellow")
+            header.append_text(plain(f"  {s.state}", style="bold yellow"))
         return Group(
             header,
             process_table(s),

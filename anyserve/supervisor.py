@@ -1285,7 +1285,7 @@ def _run_tui(topology: Topology, reload: bool, insecure: bool) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from anyserve.dashboard import Dashboard
+    from anyserve.dashboard import Dashboard, plain
 
     supervisor = Supervisor(topology, lambda event: None, reload=reload, insecure=insecure)
     supervisor.preflight()
@@ -1301,11 +1301,18 @@ def _run_tui(topology: Topology, reload: bool, insecure: bool) -> int:
                 return
             last = now
             supervisor.dirty = False
-            snapshot = supervisor.snapshot()
-            # Give the log lines whatever height the tables leave.
-            used = 16 + len(snapshot.processes) + 2 * len(snapshot.replicas)
-            lines = max(3, console.height - used)
-            live.update(Dashboard(snapshot, log_lines=lines), refresh=True)
+            try:
+                snapshot = supervisor.snapshot()
+                # Give the log lines whatever height the tables leave.
+                used = 16 + len(snapshot.processes) + 2 * len(snapshot.replicas)
+                lines = max(3, console.height - used)
+                live.update(Dashboard(snapshot, log_lines=lines), refresh=True)
+            except Exception as exc:
+                # The view must never stop the supervisor: an error raised here would
+                # leave run() through its cleanup, which stops every process.
+                notice = plain(f"anyserve up: the dashboard could not be drawn: {exc!r}")
+                with contextlib.suppress(Exception):
+                    live.update(notice, refresh=True)
 
         code = supervisor.run(on_tick=refresh)
     for line in list(supervisor.events)[-5:]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from anyserve.dashboard import Dashboard, LogLine, ProcessView, ReplicaView, Snapshot
+from anyserve.up.dashboard import Dashboard
+from anyserve.up.snapshot import LogLine, ProcessView, ReplicaView, Snapshot
 from tests.apps.up_support import leftovers, write_app, write_topology
 
 
@@ -270,8 +271,14 @@ def test_up_keeps_running_when_a_replica_registers_hostile_values(tmp_path: Path
         encoding="utf-8",
         timeout=30,
     )
+
+    def registry_ids() -> set[str]:
+        replicas = httpx.get(url + "/registry", timeout=2).json()["replicas"]
+        return {str(r["replica_id"]) for r in replicas}
+
     try:
-        child.expect(r"echo-0-[0-9a-f]{6}")
+        child.expect("Replicas")
+        wait_until(lambda: any(i.startswith("echo-0-") for i in registry_ids()), timeout=20)
         reply = httpx.post(
             url + "/register",
             json={
@@ -290,9 +297,8 @@ def test_up_keeps_running_when_a_replica_registers_hostile_values(tmp_path: Path
             lambda: any(r["replica_id"] == "[bold]x" for r in snapshot(tmp_path)["replicas"]),
             timeout=10,
         )
-        child.expect(r"echo-0-[0-9a-f]{6}")  # a later frame, drawn after the hostile one
         assert child.isalive()
-        ids = {r["replica_id"] for r in httpx.get(url + "/registry", timeout=2).json()["replicas"]}
+        ids = registry_ids()
         assert "[bold]x" in ids and any(i.startswith("echo-0-") for i in ids), ids
         wait_until(
             lambda: any(

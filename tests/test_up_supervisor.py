@@ -381,13 +381,14 @@ def test_scale_up_and_down(tmp_path: Path) -> None:
 def test_bad_control_requests_are_refused_not_raised(tmp_path: Path) -> None:
     h = Harness(tmp_path, ECHO)
     h.up()
-    for request, error in [
+    cases: list[tuple[dict[str, object], type[Exception]]] = [
         ({"command": "scale", "name": "echo", "count": -1}, BadRequest),
         ({"command": "scale", "name": "echo", "count": True}, BadRequest),
         ({"command": "scale", "name": "nope", "count": 1}, NotFound),
         ({"command": "restart", "name": "echo.7"}, NotFound),
         ({"command": "explode"}, BadRequest),
-    ]:
+    ]
+    for request, error in cases:
         message = ControlRequest(request)
         h.sup.handle(message)
         assert isinstance(message.reply.error, error), request

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from anyserve.up.state import Phase
+
 
 @dataclass(frozen=True)
 class ProcessView:
@@ -87,7 +89,7 @@ class Snapshot:
     api_url: str
     pid: int
     started_at: float
-    state: str = "running"
+    state: str = Phase.RUNNING
     api_reachable: bool = False
     processes: tuple[ProcessView, ...] = ()
     replicas: tuple[ReplicaView, ...] = ()
@@ -105,7 +107,7 @@ class Snapshot:
             api_url=data["api_url"],
             pid=data["pid"],
             started_at=data["started_at"],
-            state=data.get("state", "running"),
+            state=data.get("state", Phase.RUNNING),
             api_reachable=bool(data.get("api_reachable")),
             processes=tuple(
                 ProcessView(**{**p, "stderr_tail": tuple(p.get("stderr_tail", ()))})

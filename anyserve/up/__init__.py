@@ -7,9 +7,11 @@ Layers, each importing only those listed before it:
 - :mod:`~anyserve.up.messages` — what helper threads report to the loop
 - :mod:`~anyserve.up.snapshot` — the plain data the dashboard and ``anyserve ps`` read
 - :mod:`~anyserve.up.tokens` — which token the API server gets, and its file
+- :mod:`~anyserve.up.preflight` — what is checked before anything starts
 - :mod:`~anyserve.up.launch` — the command lines and environments of the children
 - :mod:`~anyserve.up.changes` — which groups a changed file reloads
 - :mod:`~anyserve.up.watchers` — the helper threads (API poller, probe, files, sweeper)
+- :mod:`~anyserve.up.stuck` — which replicas are probed, and when one is stuck
 - :mod:`~anyserve.up.reload` — the rolling-reload state machine
 - :mod:`~anyserve.up.commands` — ``restart``, ``scale``, ``ps``, ``down`` requests
 - :mod:`~anyserve.up.supervisor` — the loop, which owns every piece of state

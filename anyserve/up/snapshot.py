@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from anyserve.up.state import Phase
+from anyserve.up.state import Phase, Proc
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,28 @@ class ProcessView:
     retry_in: float | None = None
     message: str = ""
     stderr_tail: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, p: Proc, now: float, sample: tuple[float, int] | None) -> ProcessView:
+        """``p`` at ``now`` (on the supervisor's clock), with its CPU % and RSS if known."""
+        return cls(
+            name=p.name,
+            group=p.group,
+            kind=p.kind,
+            state=p.state,
+            pid=p.pid if p.child else None,
+            port=p.port,
+            replica_id=p.replica_id,
+            restarts=p.restarts,
+            uptime=(now - p.started_at) if p.child and p.started_at else None,
+            cpu=sample[0] if sample else None,
+            rss=sample[1] if sample else None,
+            exit_code=p.exit_code,
+            backoff=p.backoff if p.retry_at is not None else None,
+            retry_in=max(0.0, p.retry_at - now) if p.retry_at is not None else None,
+            message=p.message,
+            stderr_tail=p.stderr_tail,
+        )
 
 
 @dataclass(frozen=True)

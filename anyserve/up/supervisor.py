@@ -11,9 +11,8 @@ Start order: the API server first; the replicas, in parallel, once it answers
 process gets a fresh replica id (``chat-0-1a2b3c``) because during a reload the old and
 the new process of one slot are registered side by side (:mod:`anyserve.up.reload`).
 
-Stuck replicas: a probe thread asks every ready replica ``ServerReady`` once a second.
-One that has not answered for its group's ``stuck_timeout`` (its event loop is blocked,
-or it was stopped) is SIGKILLed, and the normal restart path with backoff takes over.
+Stuck replicas: a probe thread asks every ready replica ``ServerReady`` once a second
+(:mod:`anyserve.up.stuck` judges the answers).
 
 Shutdown: replicas get SIGTERM (they unregister and finish in-flight requests), then
 the API server; a second signal kills everything at once.
@@ -37,8 +36,8 @@ from typing import Any
 from anyserve.client import ENV_TOKEN
 from anyserve.errors import AnyServeError
 from anyserve.logs import SUPERVISOR, Event, LogFiles
-from anyserve.process import ChildProcess, Sampler, Spawn, free_port, port_in_use, spawn
-from anyserve.topology import API_NAME, GroupSpec, Topology, config_error
+from anyserve.process import ChildProcess, Sampler, Spawn, free_port, spawn
+from anyserve.topology import API_NAME, GroupSpec, Topology
 from anyserve.up import commands, launch, watchers
 from anyserve.up.changes import changed_groups, drop_stale_bytecode
 from anyserve.up.messages import (
@@ -52,6 +51,7 @@ from anyserve.up.messages import (
     Registry,
 )
 from anyserve.up.policy import RestartPolicy, Timings
+from anyserve.up.preflight import preflight
 from anyserve.up.reload import RELOAD_FAILED, request_reload, step_reload
 from anyserve.up.snapshot import LogLine, ProcessView, ReplicaView, Snapshot
 from anyserve.up.state import (
@@ -65,14 +65,12 @@ from anyserve.up.state import (
     Role,
     State,
 )
-from anyserve.up.tokens import TOKEN_FILE, auth_headers, token_file, token_plan
+from anyserve.up.stuck import judge, probe_targets
+from anyserve.up.tokens import TOKEN_FILE, auth_headers, token_file
 
 Sink = Callable[[Event], None]
 Sample = Callable[[Sequence[int]], Mapping[int, tuple[float, int]]]
 """``{pid: (cpu_percent, rss_bytes)}`` of those of the given pids still alive."""
-
-# A replica listening on every address is probed on loopback.
-_PROBE_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 class Supervisor:
@@ -137,41 +135,8 @@ class Supervisor:
     # ------------------------------------------------------------------ public surface
 
     def preflight(self) -> None:
-        """Refuse to start when a fixed port is taken (naming the port and the group) or
-        when the API server would listen beyond loopback with no token."""
-        from anyserve.control import running_pid
-
-        self.token, self.create_token = token_plan(self.topology, insecure=self.insecure)
-
-        pid = running_pid(self.topology.state_dir)
-        if pid is not None:
-            raise AnyServeError(
-                f"`anyserve up` is already running for {self.topology.path} (pid {pid}); "
-                "use `anyserve status`, or stop it with `anyserve down`"
-            )
-        api = self.topology.api_server
-        if port_in_use(api.host, api.port):
-            raise config_error(
-                self.topology,
-                ("api_server", "port"),
-                f"port {api.port} on {api.host} is already in use (API server); stop what "
-                "listens there or choose another port",
-            )
-        if api.grpc_port is not None and port_in_use(api.host, api.grpc_port):
-            raise config_error(
-                self.topology,
-                ("api_server", "grpc_port"),
-                f"port {api.grpc_port} on {api.host} is already in use (API server, gRPC); "
-                "stop what listens there or choose another port",
-            )
-        for group in self.topology.groups:
-            if group.port is not None and group.count > 0 and port_in_use(group.host, group.port):
-                raise config_error(
-                    self.topology,
-                    ("replicas", group.name, "port"),
-                    f"port {group.port} on {group.host} is already in use (group {group.name}); "
-                    "stop what listens there, choose another port or omit it for a free one",
-                )
+        """Refuse to start when something stands in the way (see :func:`preflight`)."""
+        self.token, self.create_token = preflight(self.topology, insecure=self.insecure)
 
     def run(self, on_tick: Callable[[], None] | None = None) -> int:
         """Start everything, supervise until stopped, and return the exit code."""
@@ -259,29 +224,10 @@ class Supervisor:
     def snapshot(self) -> Snapshot:
         """The current state as plain data (for the dashboard and ``anyserve ps``)."""
         now = self.clock()
-        views = []
-        for p in sorted(self.procs, key=lambda p: p.order):
-            sample = self.samples.get(p.pid or -1) if p.child else None
-            views.append(
-                ProcessView(
-                    name=p.name,
-                    group=p.group,
-                    kind=p.kind,
-                    state=p.state,
-                    pid=p.pid if p.child else None,
-                    port=p.port,
-                    replica_id=p.replica_id,
-                    restarts=p.restarts,
-                    uptime=(now - p.started_at) if p.child and p.started_at else None,
-                    cpu=sample[0] if sample else None,
-                    rss=sample[1] if sample else None,
-                    exit_code=p.exit_code,
-                    backoff=p.backoff if p.retry_at is not None else None,
-                    retry_in=max(0.0, p.retry_at - now) if p.retry_at is not None else None,
-                    message=p.message,
-                    stderr_tail=p.stderr_tail,
-                )
-            )
+        views = tuple(
+            ProcessView.of(p, now, self.samples.get(p.pid or -1) if p.child else None)
+            for p in sorted(self.procs, key=lambda p: p.order)
+        )
         return Snapshot(
             topology=str(self.topology.path),
             api_url=self.topology.api_server.url,
@@ -289,7 +235,7 @@ class Supervisor:
             started_at=self.started_wall,
             state=self.phase if self.phase is not Phase.DONE else State.STOPPED,
             api_reachable=self.api_reachable,
-            processes=tuple(views),
+            processes=views,
             replicas=tuple(ReplicaView.from_registry(r) for r in self.registry.values()),
             events=tuple(self.events),
             logs=tuple(self.logs)[-50:],
@@ -434,7 +380,9 @@ class Supervisor:
             self.samples = self.sample([p.pid for p in self.procs if p.child is not None and p.pid])
             self.dirty = True
         self.maybe_cleanup(now)
-        self.probe_targets = self.probe_list() if self.phase is Phase.RUNNING else {}
+        self.probe_targets = (
+            probe_targets(self.procs, self.topology) if self.phase is Phase.RUNNING else {}
+        )
         busy = bool(self.reloads) or any(
             p.state in (State.STARTING, State.DRAINING) for p in self.procs
         )
@@ -655,64 +603,22 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stuck replicas
 
-    def probe_list(self) -> dict[int, str]:
-        """``{pid: endpoint}`` of the replicas the probe thread should ask ``ServerReady``."""
-        targets: dict[int, str] = {}
-        for proc in self.procs:
-            if (
-                proc.kind is not Kind.REPLICA
-                or proc.child is None
-                or proc.role is Role.RETIRE
-                or proc.state not in (State.READY, State.UNHEALTHY)
-                or proc.port is None
-            ):
-                continue
-            group = self.topology.group(proc.group)
-            if group.stuck_timeout is None:
-                continue
-            host = _PROBE_HOST.get(group.host, group.host)
-            host = f"[{host}]" if ":" in host else host
-            targets[proc.child.pid] = f"{host}:{proc.port}"
-        return targets
-
     def on_probe(self, sent_at: float, answers: Mapping[int, bool]) -> None:
         """Mark replicas that stopped answering; kill one stuck past its group's bound."""
         now = self.clock()
         for pid, ok in answers.items():
             proc = self.by_pid.get(pid)
-            if (
-                proc is None
-                or proc.child is None
-                or proc.stuck_for is not None  # already killed; its exit is on the way
-                or proc.state not in (State.READY, State.UNHEALTHY)
-            ):
+            if proc is None:
                 continue
-            if ok:
-                if proc.state is State.UNHEALTHY:
-                    proc.state = State.READY
-                    proc.message = ""
-                    self.say("answers ServerReady again", proc.name)
-                proc.unhealthy_since = None
-                continue
-            bound = self.topology.group(proc.group).stuck_timeout
-            if proc.unhealthy_since is None:
-                proc.unhealthy_since = sent_at
-                proc.state = State.UNHEALTHY
-                self.say(f"pid {pid} does not answer ServerReady", proc.name, kind=EventKind.EXIT)
-            silent = now - proc.unhealthy_since
-            proc.message = f"no answer to ServerReady for {silent:.1f}s"
-            if bound is None or silent < bound:
-                continue
-            if self.restart_mode(proc) is RestartMode.NEVER:
-                proc.message += " (restart = 'never': left as it is)"
-                continue
-            proc.stuck_for = silent
-            self.say(
-                f"stuck: no answer to ServerReady for {silent:.1f}s; killing pid {pid}",
-                proc.name,
-                kind=EventKind.ERROR,
+            judge(
+                proc,
+                ok,
+                sent_at=sent_at,
+                now=now,
+                bound=self.topology.group(proc.group).stuck_timeout,
+                may_kill=self.restart_mode(proc) is not RestartMode.NEVER,
+                say=self.say,
             )
-            proc.child.kill()  # SIGKILL ends a stopped process too; the exit path restarts it
         self.dirty = True
 
     # ------------------------------------------------------------------ reload

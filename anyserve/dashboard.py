@@ -1,279 +1,31 @@
-"""What ``anyserve up`` shows: a :class:`Snapshot` of the supervisor and rich renderables.
-
-The supervisor builds a :class:`Snapshot` (plain frozen data, JSON-able through
-:meth:`Snapshot.to_dict`); the control endpoint sends the same data to ``anyserve ps``
-and ``anyserve status`` in another terminal. :class:`Dashboard` renders it through
-``__rich__``, so a test can print it into ``Console(file=StringIO())``.
-"""
+"""Moved to :mod:`anyserve.up.dashboard` (the view) and :mod:`anyserve.up.snapshot`
+(the data it draws); these names stay importable from here for existing callers."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from anyserve.up.dashboard import (
+    STATE_STYLES,
+    Dashboard,
+    format_bytes,
+    format_capability,
+    format_duration,
+    plain,
+    process_table,
+    replica_table,
+)
+from anyserve.up.snapshot import LogLine, ProcessView, ReplicaView, Snapshot
 
-from rich import box
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
-
-STATE_STYLES = {
-    "starting": "yellow",
-    "ready": "green",
-    "unhealthy": "red",
-    "reloading": "cyan",
-    "draining": "cyan",
-    "backing off": "dark_orange",
-    "crash loop": "bold red",
-    "stopped": "dim",
-}
-
-
-@dataclass(frozen=True)
-class ProcessView:
-    """One child process as the dashboard and ``anyserve ps`` show it."""
-
-    name: str
-    group: str
-    kind: str
-    state: str
-    pid: int | None = None
-    port: int | None = None
-    replica_id: str | None = None
-    restarts: int = 0
-    uptime: float | None = None
-    cpu: float | None = None
-    rss: int | None = None
-    exit_code: int | None = None
-    backoff: float | None = None
-    retry_in: float | None = None
-    message: str = ""
-    stderr_tail: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ReplicaView:
-    """One replica record from the API server's registry, with its load and latency."""
-
-    replica_id: str
-    endpoint: str
-    capabilities: tuple[dict[str, Any], ...] = ()
-    in_flight: int = 0
-    requests: int = 0
-    errors: int = 0
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-
-    @classmethod
-    def from_registry(cls, record: dict[str, Any]) -> ReplicaView:
-        def number(key: str) -> float | None:
-            value = record.get(key)
-            return float(value) if isinstance(value, (int, float)) else None
-
-        return cls(
-            replica_id=str(record.get("replica_id", "?")),
-            endpoint=str(record.get("endpoint", "")),
-            capabilities=tuple(c for c in record.get("capabilities") or () if isinstance(c, dict)),
-            in_flight=int(record.get("in_flight") or 0),
-            requests=int(record.get("requests") or 0),
-            errors=int(record.get("errors") or 0),
-            p50_ms=number("p50_ms"),
-            p99_ms=number("p99_ms"),
-        )
-
-
-@dataclass(frozen=True)
-class LogLine:
-    at: float
-    name: str
-    text: str
-    kind: str = "output"
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything one frame of the dashboard shows."""
-
-    topology: str
-    api_url: str
-    pid: int
-    started_at: float
-    state: str = "running"
-    api_reachable: bool = False
-    processes: tuple[ProcessView, ...] = ()
-    replicas: tuple[ReplicaView, ...] = ()
-    events: tuple[LogLine, ...] = ()
-    logs: tuple[LogLine, ...] = ()
-    taken_at: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Snapshot:
-        return cls(
-            topology=data["topology"],
-            api_url=data["api_url"],
-            pid=data["pid"],
-            started_at=data["started_at"],
-            state=data.get("state", "running"),
-            api_reachable=bool(data.get("api_reachable")),
-            processes=tuple(
-                ProcessView(**{**p, "stderr_tail": tuple(p.get("stderr_tail", ()))})
-                for p in data.get("processes", ())
-            ),
-            replicas=tuple(
-                ReplicaView(**{**r, "capabilities": tuple(r.get("capabilities", ()))})
-                for r in data.get("replicas", ())
-            ),
-            events=tuple(LogLine(**e) for e in data.get("events", ())),
-            logs=tuple(LogLine(**e) for e in data.get("logs", ())),
-            taken_at=data.get("taken_at", time.time()),
-        )
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def format_bytes(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit in ("B", "KB") else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
-
-
-def format_capability(cap: dict[str, Any]) -> str:
-    attrs = " ".join(f"{k}={v}" for k, v in cap.items() if k != "stream")
-    return f"{attrs} (stream)" if cap.get("stream") else attrs
-
-
-def _table(title: str | None) -> Table:
-    # No vertical rules and one space of padding: the whole view fits 80 columns.
-    return Table(
-        title=title,
-        title_justify="left",
-        title_style="bold",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        padding=(0, 1),
-        collapse_padding=True,
-        show_edge=False,
-    )
-
-
-def process_table(snapshot: Snapshot, title: str | None = "Processes") -> RenderableType:
-    """Name, kind, pid, state, restarts, uptime, CPU %, RSS and port per process, then
-    what went wrong where something did (exit code, retry countdown, last stderr lines)."""
-    table = _table(title)
-    for column in ("NAME", "KIND", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "RSS", "PORT"):
-        justify = "left" if column in ("NAME", "KIND", "STATE") else "right"
-        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    problems = Text()
-    for p in snapshot.processes:
-        table.add_row(
-            p.name,
-            "api" if p.kind == "api server" else p.kind,
-            str(p.pid) if p.pid else "-",
-            Text(p.state, style=STATE_STYLES.get(p.state, "")),
-            str(p.restarts),
-            format_duration(p.uptime),
-            "-" if p.cpu is None else f"{p.cpu:.1f}",
-            format_bytes(p.rss),
-            str(p.port) if p.port else "-",
-        )
-        note = p.message
-        if p.retry_in is not None and p.state in ("backing off", "crash loop"):
-            note = (
-                f"{note}; next try in {p.retry_in:.1f}s" if note else f"retry in {p.retry_in:.1f}s"
-            )
-        if not note:
-            continue
-        bad = p.state in ("crash loop", "unhealthy") or "failed" in note or "stuck" in note
-        problems.append(f"{p.name}: ", style="bold")
-        problems.append(f"{note}\n", style="red" if bad else "yellow")
-        if p.state == "crash loop":
-            for line in p.stderr_tail[-3:]:
-                problems.append(f"    {line}\n", style="dim")
-    if not problems:
-        return table
-    problems.rstrip()
-    return Group(table, problems)
-
-
-def replica_table(snapshot: Snapshot) -> Table:
-    """Per registered replica: capabilities, in-flight, requests, errors, p50/p99."""
-    table = _table("Replicas")
-    for column in ("REPLICA", "CAPABILITIES", "IN-FLIGHT", "REQS", "ERRS", "P50 MS", "P99 MS"):
-        justify = "left" if column in ("REPLICA", "CAPABILITIES") else "right"
-        table.add_column(column, justify=justify, no_wrap=column != "CAPABILITIES")  # type: ignore[arg-type]
-    for r in sorted(snapshot.replicas, key=lambda r: r.replica_id):
-        table.add_row(
-            r.replica_id,
-            "\n".join(format_capability(c) for c in r.capabilities) or "-",
-            str(r.in_flight),
-            str(r.requests),
-            Text(str(r.errors), style="red" if r.errors else ""),
-            "-" if r.p50_ms is None else f"{r.p50_ms:.1f}",
-            "-" if r.p99_ms is None else f"{r.p99_ms:.1f}",
-        )
-    if not snapshot.replicas:
-        note = "API server not reachable" if not snapshot.api_reachable else "none registered"
-        table.add_row(Text(note, style="dim"), "", "", "", "", "", "")
-    return table
-
-
-def _lines(title: str, lines: tuple[LogLine, ...], limit: int) -> RenderableType:
-    rows: list[RenderableType] = [Text(title, style="bold")]
-    if not lines:
-        rows.append(Text("  (none yet)", style="dim"))
-    for line in lines[-limit:] if limit > 0 else ():
-        stamp = time.strftime("%H:%M:%S", time.localtime(line.at))
-        style = {"error": "red", "exit": "yellow", "lifecycle": "dim"}.get(line.kind, "")
-        # One screen line per log line, so the view does not jump as lines come and go.
-        row = Text(no_wrap=True, overflow="ellipsis")
-        row.append(f"{stamp} ", style="dim")
-        row.append(f"{line.name} | ", style="bold")
-        row.append(line.text, style=style)
-        rows.append(row)
-    return Group(*rows)
-
-
-class Dashboard:
-    """The full view: header, processes, replicas, recent reload events, latest log lines."""
-
-    def __init__(self, snapshot: Snapshot, *, log_lines: int = 8, event_lines: int = 5) -> None:
-        self.snapshot = snapshot
-        self.log_lines = log_lines
-        self.event_lines = event_lines
-
-    def __rich__(self) -> RenderableType:
-        s = self.snapshot
-        header = Text()
-        header.append("anyserve up", style="bold")
-        header.append(f"  {s.topology}  ", style="dim")
-        header.append(f"API {s.api_url} ")
-        header.append("●" if s.api_reachable else "○", style="green" if s.api_reachable else "red")
-        header.append(
-            f"  up {format_duration(s.taken_at - s.started_at)}  pid {s.pid}", style="dim"
-        )
-        if s.state != "running":
-            header.append(f"  {s.state}", style="bold yellow")
-        return Group(
-            header,
-            process_table(s),
-            replica_table(s),
-            _lines("Events", s.events, self.event_lines),
-            _lines("Logs", s.logs, self.log_lines),
-        )
+__all__ = [
+    "STATE_STYLES",
+    "Dashboard",
+    "LogLine",
+    "ProcessView",
+    "ReplicaView",
+    "Snapshot",
+    "format_bytes",
+    "format_capability",
+    "format_duration",
+    "plain",
+    "process_table",
+    "replica_table",
+]

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 # Run as ``python -c`` so that it does not import the anyserve package (and the SDK
 # behind it) just to exec the real command. 1 is PR_SET_PDEATHSIG, 9 is SIGKILL.
@@ -46,8 +46,25 @@ except OSError as exc:
     sys.exit(127)
 """
 
-LineCallback = Callable[["Child", str, str], None]
+LineCallback = Callable[["ChildProcess", str, str], None]
 """``(child, stream, line)`` with ``stream`` ``"stdout"`` or ``"stderr"``."""
+
+
+class ChildProcess(Protocol):
+    """What the supervisor needs of a running child: :class:`Child`, or a test's fake."""
+
+    pid: int
+    stderr_tail: deque[str]
+
+    def poll(self) -> int | None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+    def wait(self, timeout: float) -> int | None: ...
+    def join_output(self, timeout: float = 1.0) -> None: ...
+
+
+Spawn = Callable[[Sequence[str], Path, Mapping[str, str], "LineCallback"], ChildProcess]
+"""Starts a child: ``(argv, cwd, env, on_line)``; :func:`spawn` outside of tests."""
 
 
 class Child:
@@ -121,6 +138,13 @@ class Child:
         deadline = time.monotonic() + timeout
         for reader in self._readers:
             reader.join(max(0.0, deadline - time.monotonic()))
+
+
+def spawn(
+    argv: Sequence[str], cwd: Path, env: Mapping[str, str], on_line: LineCallback
+) -> ChildProcess:
+    """Start ``argv`` as a :class:`Child`."""
+    return Child(argv, cwd=cwd, env=env, on_line=on_line)
 
 
 def _pump(child: Child, stream: str, pipe: IO[bytes] | None, on_line: LineCallback) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from anyserve.dashboard import Dashboard, LogLine, ProcessView, ReplicaView, Snapshot
+from anyserve.up.dashboard import Dashboard
+from anyserve.up.snapshot import LogLine, ProcessView, ReplicaView, Snapshot
 from tests.apps.up_support import leftovers, write_app, write_topology
 
 
@@ -194,3 +195,124 @@ def test_live_dashboard_in_a_pseudo_terminal(tmp_path: Path) -> None:
             child.kill(signal.SIGKILL)
     time.sleep(0.2)
     assert leftovers(str(tmp_path)) == []
+
+
+HOSTILE = ("[/]", "[bold", "[bold]x", "\x1b[2J", "y" * 300)
+
+
+def test_hostile_values_render_as_literal_text() -> None:
+    """Values from replicas, clients and log lines are text: never markup, never raw
+    control characters for the terminal."""
+    now = time.time()
+    snap = Snapshot(
+        topology="/srv/[/]anyserve.toml",
+        api_url="http://127.0.0.1:8080",
+        pid=1,
+        started_at=now,
+        api_reachable=True,
+        processes=tuple(
+            ProcessView(
+                f"{value}.0",
+                "g",
+                "replica",
+                "crash loop",
+                replica_id=value,
+                message=value,
+                stderr_tail=(value,),
+            )
+            for value in HOSTILE
+        ),
+        replicas=tuple(
+            ReplicaView(value, value, ({"type": value, value: value},)) for value in HOSTILE
+        ),
+        events=tuple(LogLine(now, value, value, "error") for value in HOSTILE),
+        logs=tuple(LogLine(now, value, value) for value in HOSTILE),
+    )
+    narrow = _render(Dashboard(snap, log_lines=10), width=80)
+    assert "\x1b" not in narrow and "[/]anyserve.toml" in narrow
+    # Wide enough to show every value whole: each is there literally.
+    text = _render(Dashboard(snap, log_lines=10), width=4000)
+    assert "\x1b" not in text
+    assert "\\x1b[2J" in text
+    assert "type=[/] [/]=[/]" in text and "type=[bold [bold=[bold" in text
+    assert "[bold]x" in text
+    assert "y" * 300 in text
+
+
+def test_up_keeps_running_when_a_replica_registers_hostile_values(tmp_path: Path) -> None:
+    """A replica id and capability that are not valid markup neither stop the live view
+    nor `up`: its own replicas stay registered and the process keeps running."""
+    import shutil
+
+    import httpx
+
+    from tests.apps.up_support import api_url, snapshot
+    from tests.conftest import free_port, wait_until
+
+    pexpect = pytest.importorskip("pexpect")
+    command = shutil.which("anyserve", path=str(Path(sys.executable).parent))
+    assert command is not None, "the anyserve command is not installed next to python"
+    write_app(tmp_path)
+    topology = write_topology(
+        tmp_path,
+        """
+        [replicas.echo]
+        app = "upapp.echo:app"
+        drain_timeout = 1
+        """,
+    )
+    url = api_url(topology)
+    child = pexpect.spawn(
+        command,
+        ["up", "-c", str(topology)],
+        cwd=str(tmp_path),
+        env={**os.environ, "TERM": "xterm-256color"},
+        dimensions=(40, 120),
+        encoding="utf-8",
+        timeout=30,
+    )
+
+    def registry_ids() -> set[str]:
+        replicas = httpx.get(url + "/registry", timeout=2).json()["replicas"]
+        return {str(r["replica_id"]) for r in replicas}
+
+    try:
+        child.expect("Replicas")
+        wait_until(lambda: any(i.startswith("echo-0-") for i in registry_ids()), timeout=20)
+        reply = httpx.post(
+            url + "/register",
+            json={
+                "replica_id": "[bold]x",
+                "endpoint": f"127.0.0.1:{free_port()}",
+                "capabilities": [{"type": "[/]"}, {"type": "\x1b[2J", "[/]": "[bold"}],
+                "instance": "hostile",
+            },
+            timeout=5,
+        )
+        assert reply.status_code == 200, reply.text
+        # The dashboard draws the hostile record as text...
+        child.expect_exact("[bold]x", timeout=15)
+        # ... and `up` goes on: it still answers, sees the record, and its replica serves.
+        wait_until(
+            lambda: any(r["replica_id"] == "[bold]x" for r in snapshot(tmp_path)["replicas"]),
+            timeout=10,
+        )
+        assert child.isalive()
+        ids = registry_ids()
+        assert "[bold]x" in ids and any(i.startswith("echo-0-") for i in ids), ids
+        wait_until(
+            lambda: any(
+                p["name"] == "echo.0" and p["state"] == "ready"
+                for p in snapshot(tmp_path)["processes"]
+            ),
+            timeout=10,
+        )
+        assert snapshot(tmp_path)["state"] == "running"
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=20)
+        child.close()
+        assert child.exitstatus == 130, (child.exitstatus, child.signalstatus)
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+    wait_until(lambda: leftovers(str(tmp_path)) == [], timeout=5)

@@ -19,8 +19,10 @@ from anyserve.control import ControlServer, request, socket_path
 from anyserve.errors import AnyServeError, BadRequest, NotReachable
 from anyserve.logs import Event, LogFiles, Printer, follow, log_names, tail
 from anyserve.process import Child
-from anyserve.supervisor import RestartPolicy, _changed_groups, token_file, token_plan
 from anyserve.topology import loads
+from anyserve.up.changes import changed_groups
+from anyserve.up.policy import RestartPolicy
+from anyserve.up.tokens import token_file, token_plan
 from tests.apps.up_support import (
     api_url,
     infer,
@@ -197,11 +199,11 @@ def test_a_change_reloads_only_the_groups_that_watch_it(tmp_path: Path) -> None:
         """,
         tmp_path / "anyserve.toml",
     )
-    assert _changed_groups(topo, {str(pkg / "chat.py")}) == ["chat"]
-    assert _changed_groups(topo, {str(pkg / "embed.py")}) == ["embed"]
-    assert _changed_groups(topo, {str(pkg / "shared.py")}) == ["chat", "embed"]
-    assert _changed_groups(topo, {str(tmp_path / "other" / "x.json")}) == ["solo"]
-    assert _changed_groups(topo, {str(tmp_path / "elsewhere.py")}) == []
+    assert changed_groups(topo, {str(pkg / "chat.py")}) == ["chat"]
+    assert changed_groups(topo, {str(pkg / "embed.py")}) == ["embed"]
+    assert changed_groups(topo, {str(pkg / "shared.py")}) == ["chat", "embed"]
+    assert changed_groups(topo, {str(tmp_path / "other" / "x.json")}) == ["solo"]
+    assert changed_groups(topo, {str(tmp_path / "elsewhere.py")}) == []
 
 
 def test_log_files_rotate_and_read_back(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from anyserve import AnyServe, Context, ModelInferRequest, ModelInferResponse, S
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 
-from .conftest import Procs, start_replica, wait_until
+from .conftest import Procs, start_api_server, start_replica, wait_until
 
 app = AnyServe(name="flood")
 
@@ -97,6 +97,19 @@ async def blocked(request: ModelInferRequest, context: Context, stream: Stream) 
     record("sent everything")
 
 
+@app.capability(type="echo-id")
+async def echo_id(request: ModelInferRequest, context: Context) -> ModelInferResponse:
+    return ModelInferResponse(id=f"echo:{request.id}")
+
+
+@app.capability(type="ask", stream=True)
+async def ask(request: ModelInferRequest, context: Context, stream: Stream) -> None:
+    # Runs on its own loop; acall still reaches the API server through the replica's client.
+    for i in range(3):
+        asked = ModelInferRequest(id=str(i))
+        await stream.send(await context.acall({"type": "echo-id"}, asked, timeout=10))
+
+
 def rss(pid: int) -> int:
     process = psutil.Process(pid)
     return int(process.memory_info().rss) + sum(
@@ -162,3 +175,15 @@ def test_client_leaving_stops_an_async_handler(
         lambda: ended.exists() and ended.read_text(), timeout=10, what="the handler to end"
     )
     assert text == ending
+
+
+def test_an_async_stream_handler_may_call_other_capabilities(procs: Procs) -> None:
+    api = start_api_server(procs)
+    replica = start_replica(
+        procs, "tests.test_stream_backpressure:app", api_server=api, object_store=None
+    )
+    with grpc.insecure_channel(replica.endpoint) as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(pb.ModelInferRequest(model_name="ask"), timeout=30))
+    assert [m.error_message for m in replies if m.error_message] == []
+    assert [m.infer_response.id for m in replies] == ["echo:0", "echo:1", "echo:2"]

@@ -49,9 +49,17 @@ from starlette.routing import Route
 from anyserve import kserve, openapi
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+from anyserve.defaults import (
+    MAX_BODY_SIZE,
+    MAX_DELEGATION_DEPTH,
+    MAX_MESSAGE_BYTES,
+    OBJECT_STORE_PATH,
+    max_message_bytes,
+)
 from anyserve.errors import (
     AnyServeError,
     BadRequest,
+    ClientGone,
     DeadlineExceeded,
     DelegationLoop,
     HandlerError,
@@ -81,16 +89,6 @@ __all__ = ["ApiServerConfig", "Gateway", "create_app", "main", "run"]
 
 log = logging.getLogger("anyserve.api_server")
 
-#: Requests may be delegated this many times; one more is a loop (508).
-MAX_DELEGATION_DEPTH = 3
-#: Largest request body on the HTTP routes (413 beyond it), and so the gRPC message size:
-#: a 64 MiB tensor is a large model input, and the limit bounds what one request can make
-#: the API server hold in memory.
-MAX_BODY_SIZE = 64 * 1024 * 1024
-#: What a message may add to its body on the way to gRPC (field tags, names, parameters).
-MESSAGE_SLACK = 64 * 1024
-#: gRPC message limit both ways; the replica uses the same.
-MAX_MESSAGE_BYTES = MAX_BODY_SIZE + MESSAGE_SLACK
 #: Bodies of /register, /heartbeat and /unregister: a registration is a few kilobytes.
 MAX_CONTROL_BODY = 1024 * 1024
 #: How often leases are checked; well below any sensible TTL.
@@ -171,7 +169,7 @@ class ApiServerConfig:
     port: int = 8080
     lease_ttl: float = 8.0
     heartbeat_interval: float = 2.0
-    object_store: Path = Path("/tmp/anyserve-objects")
+    object_store: Path = Path(OBJECT_STORE_PATH)
     request_timeout: float = 60.0
     log_level: str = "info"
     #: Largest object accepted by ``POST /objects`` (bytes).
@@ -639,7 +637,7 @@ class Gateway:
         self.registry = registry
         self.channels = Channels(
             close_grace=config.request_timeout,
-            options=channel_options(config.max_body_size + MESSAGE_SLACK),
+            options=channel_options(max_message_bytes(config.max_body_size)),
         )
         self.streams = Streams()
         self.registrations = RateLimiter(config.register_rate, config.register_burst)
@@ -988,12 +986,6 @@ _READY_REQUEST = pb.ServerReadyRequest()
 
 
 _SHUTTING_DOWN = Unavailable("the API server is shutting down; retry the request")
-
-
-class ClientGone(AnyServeError):
-    """The client disconnected before the reply started (nginx's 499)."""
-
-    status = 499
 
 
 async def _first_message(

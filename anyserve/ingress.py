@@ -37,6 +37,7 @@ import grpc.aio
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+from anyserve.defaults import max_message_bytes
 from anyserve.errors import AnyServeError, BadRequest, NotFound, Unauthorized, Unavailable
 from anyserve.kserve import EXTENSIONS, model_versions, serving, with_raw_outputs
 from anyserve.registry import format_query
@@ -336,9 +337,7 @@ async def start(gateway: Gateway, host: str, port: int) -> grpc.aio.Server:
     protobuf framing, the limit of the channels to the replicas too. Raises
     :class:`~anyserve.errors.Unavailable` when the port cannot be bound.
     """
-    from anyserve.api_server import MESSAGE_SLACK
-
-    max_message = gateway.config.max_body_size + MESSAGE_SLACK
+    max_message = max_message_bytes(gateway.config.max_body_size)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),

@@ -44,6 +44,7 @@ from starlette.routing import Match, Route
 
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
+from anyserve.defaults import max_message_bytes
 from anyserve.errors import AnyServeError, BadRequest, HandlerError, NotFound, PayloadTooLarge
 from anyserve.tensors import (
     DATATYPE_FIELD,
@@ -75,9 +76,6 @@ __all__ = [
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 #: The binary tensor extension's header: the length of the JSON part of the body.
 HEADER_LENGTH = "inference-header-content-length"
-#: Largest body accepted after decompression (the gRPC message limit replicas use).
-MAX_BODY_BYTES = 64 * 1024 * 1024 + 64 * 1024
-
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 # The header keys a v2 path sets; a client's X-Capability-Type/-Model headers yield to it.
@@ -211,8 +209,9 @@ def with_raw_outputs(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
 # --------------------------------------------------------------------------- request body
 
 
-def _decompressed(body: bytes, encoding: str) -> bytes:
-    """The body under ``Content-Encoding: gzip|deflate`` (what tritonclient can send)."""
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body under ``Content-Encoding: gzip|deflate`` (what tritonclient can send), at
+    most ``limit`` bytes once inflated (the gRPC message limit the replicas use)."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -220,11 +219,11 @@ def _decompressed(body: bytes, encoding: str) -> bytes:
         raise BadRequest(f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
-        out = inflater.decompress(body, MAX_BODY_BYTES + 1)
+        out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
         raise BadRequest(f"the body is not valid {encoding} data: {exc}") from None
-    if len(out) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the decompressed body is over {MAX_BODY_BYTES} bytes")
+    if len(out) > limit:
+        raise PayloadTooLarge(f"the decompressed body is over {limit} bytes")
     return out
 
 
@@ -558,7 +557,11 @@ async def infer(request: Request) -> Response:
     routing = _routing(request, gateway)
     _note(request, routing)
     name, version = _model(request)
-    body = _decompressed(await request.body(), request.headers.get("content-encoding", ""))
+    body = _decompressed(
+        await request.body(),
+        request.headers.get("content-encoding", ""),
+        max_message_bytes(gateway.config.max_body_size),
+    )
     if not body:
         raise BadRequest('the body is empty; send {"inputs": [...]}')
     length = _header_length(request.headers.get(HEADER_LENGTH), len(body))

@@ -31,12 +31,19 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyserve.defaults import MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT
 from anyserve.errors import (
     AnyServeError,
     BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    NoHealthyReplica,
     NoMatchingCapability,
-    RateLimited,
-    Unavailable,
+    Overloaded,
+    RegistryFull,
+    Saturated,
+    TooManyRegistrations,
 )
 
 __all__ = [
@@ -74,12 +81,6 @@ _TOMBSTONES = 4096
 # Printable ASCII except space, ',' and '='.
 _ID_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - {",", "="}
 
-#: A replica's ``max_in_flight`` when its registration does not say: replica.py's default
-#: for ``--max-in-flight``. Enough concurrency to keep a model busy, few enough that excess
-#: requests wait in the API server's queue, where they can be shed, not inside the replica.
-DEFAULT_MAX_IN_FLIGHT = 8
-#: The largest ``max_in_flight`` a registration may claim; beyond it the limit means nothing.
-MAX_IN_FLIGHT_LIMIT = 4096
 #: Passive ejection: a replica that fails a connection is out of rotation for this long,
 #: doubled for each further failure in a row, up to ``EJECT_MAX`` (the shape of Envoy's outlier
 #: detection). 1 s is short enough for a replica restarted on the same port to be back at
@@ -97,58 +98,6 @@ MAX_QUEUE = 64
 MAX_WAITING = 4096
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-class Conflict(AnyServeError):
-    """Another process owns this replica id (a different ``instance``)."""
-
-    status = 409
-
-
-class Gone(AnyServeError):
-    """A heartbeat from a replica process that was explicitly unregistered."""
-
-    status = 410
-
-
-class Forbidden(AnyServeError):
-    """A registration the API server's policy does not allow (a non-loopback endpoint
-    without a token)."""
-
-    status = 403
-
-
-class RegistryFull(AnyServeError):
-    """The registry holds its maximum number of replicas."""
-
-    status = 507
-
-
-class TooManyRegistrations(RateLimited):
-    """A client registers faster than its token bucket allows."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        #: Seconds until the client may try again (the ``Retry-After`` header).
-        self.retry_after = retry_after
-
-
-class Overloaded(Unavailable):
-    """Every usable replica is at its limit and the queue is full, or the wait ran out."""
-
-    #: Seconds a client should wait before retrying (the ``Retry-After`` header).
-    retry_after: float = 1.0
-
-
-class Saturated(Overloaded):
-    """Raised by :meth:`Registry.choose` when every usable replica is at its limit: the
-    caller may wait for a slot (:meth:`Registry.enqueue`) or answer 503 as it is."""
-
-
-class NoHealthyReplica(Unavailable):
-    """Replicas match, but every one of them is ejected or failing its health checks."""
-
-    retry_after: float = 1.0
 
 
 def parse_endpoint(endpoint: Any) -> tuple[str, int]:
@@ -361,7 +310,7 @@ class ReplicaRecord:
     renewed: float  # ``clock`` time of the last registration or heartbeat; the lease runs from it
     stats: ReplicaStats = field(default_factory=ReplicaStats)
     #: Requests the API server may have in flight on it at once (from its registration).
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_in_flight: int = MAX_IN_FLIGHT
     #: False while it fails the API server's health checks; out of rotation meanwhile.
     healthy: bool = True
     #: ``clock`` time of the first failed check in the current run of failures.
@@ -1025,7 +974,7 @@ class Registry:
         instance = body.get("instance")
         if instance is not None and not isinstance(instance, str):
             raise BadRequest(f"'instance' must be a string, got {instance!r}")
-        max_in_flight = body.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        max_in_flight = body.get("max_in_flight", MAX_IN_FLIGHT)
         if (
             isinstance(max_in_flight, bool)
             or not isinstance(max_in_flight, int)

@@ -32,8 +32,15 @@ from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.app import AnyServe, Handler, as_text
 from anyserve.context import Context, Stream, StreamClosed
+from anyserve.defaults import (
+    MAX_DELEGATION_DEPTH,
+    MAX_IN_FLIGHT,
+    MAX_MESSAGE_BYTES,
+    OBJECT_STORE_PATH,
+)
 from anyserve.errors import (
     AnyServeError,
+    AppLoadError,
     BadRequest,
     DeadlineExceeded,
     DelegationLoop,
@@ -47,10 +54,8 @@ from anyserve.errors import (
 
 log = logging.getLogger("anyserve.replica")
 
-MAX_DELEGATION_DEPTH = 3
 #: Seconds between registration attempts while the API server cannot be reached.
 UNREACHABLE_RETRY = 0.25
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,18 +66,16 @@ class ReplicaConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_server: str | None = None
-    object_store: Path | None = Path("/tmp/anyserve-objects")
+    object_store: Path | None = Path(OBJECT_STORE_PATH)
     replica_id: str | None = None
     allow_pickle: bool = False
     grace: float = 10.0
     workers: int = field(default_factory=lambda: min(32, (os.cpu_count() or 1) + 4))
     #: Requests the API server may have in flight on this replica at once (advertised).
-    max_in_flight: int = 8
+    max_in_flight: int = MAX_IN_FLIGHT
+    #: The gRPC message limit both ways: the API server's body limit plus framing slack.
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
-
-
-class AppLoadError(AnyServeError):
-    """The app reference cannot be imported or is not an AnyServe app."""
 
 
 def load_app(ref: str) -> AnyServe:
@@ -678,8 +681,8 @@ class Replica:
     async def serve(self) -> None:
         options = [
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         server = grpc.aio.server(options=options)
         add_servicer(InferenceServicer(self), server)

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from anyserve.defaults import MAX_IN_FLIGHT, OBJECT_STORE_PATH
 from anyserve.errors import BadRequest, ConfigError
+from anyserve.registry import is_loopback
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,7 +84,7 @@ class ApiServerSpec:
 class ObjectsSpec:
     """``[objects]``: the shared object store directory and its time to live."""
 
-    path: Path = Path("/tmp/anyserve-objects")
+    path: Path = Path(OBJECT_STORE_PATH)
     ttl: float | None = None
     allow_pickle: bool = False
 
@@ -100,7 +102,7 @@ class GroupSpec:
     watch: tuple[Path, ...] = ()
     restart: str = "always"
     drain_timeout: float = 10.0
-    max_in_flight: int = 8
+    max_in_flight: int = MAX_IN_FLIGHT
     """Requests the API server may send one replica at once (it queues the rest)."""
     stuck_timeout: float | None = 5.0
     """A replica that does not answer ``ServerReady`` for this long is killed and restarted
@@ -325,18 +327,6 @@ def _group(ctx: _Context, name: str, table: dict[str, Any]) -> GroupSpec:
         max_in_flight=max_in_flight,
         stuck_timeout=stuck or None,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine can reach: 127.0.0.0/8, ::1, localhost."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def module_file(root: Path, module: str) -> Path | None:

@@ -49,6 +49,7 @@ from starlette.routing import Route
 from anyserve import kserve, openapi
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+from anyserve.capability import HEADER_PREFIX, add_query_key, finish_query, format_query
 from anyserve.defaults import (
     MAX_BODY_SIZE,
     MAX_DELEGATION_DEPTH,
@@ -77,7 +78,6 @@ from anyserve.registry import (
     Registry,
     ReplicaRecord,
     TooManyRegistrations,
-    format_query,
 )
 
 if TYPE_CHECKING:
@@ -156,7 +156,12 @@ def channel_options(max_message: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any
 CHANNEL_OPTIONS = channel_options()
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-_CAPABILITY_PREFIX_LEN = len(b"x-capability-")
+_CAPABILITY_PREFIX_LEN = len(HEADER_PREFIX)
+_NO_CAPABILITY = (
+    "no X-Capability-* header: say which capability to call, e.g. -H 'X-Capability-Type: chat'"
+)
+# The routes to suggest when X-Capability-Stream disagrees with the route: (unary, stream).
+_ROUTES = ("/infer/json or /infer", "/infer/stream")
 _PROTOBUF = "application/x-protobuf"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -234,13 +239,14 @@ class Routing:
         request_id: str,
         default_timeout: float,
         stream: bool = False,
+        path: Mapping[str, str] | None = None,
     ) -> Routing:
         """:meth:`from_request` from the raw ASGI headers (lowercase names), in one pass.
 
         Starlette's ``request.headers`` would decode every header for the capability scan
-        and scan again for each of the three others; this reads the raw pairs once. As
-        there, a repeated capability header counts by its last value, the others by their
-        first.
+        and scan again for each of the three others; this reads the raw pairs once. The
+        query follows :mod:`anyserve.capability` (``path``: keys the route's path gives,
+        as on the v2 REST routes); the other headers count by their first value.
         """
         query: dict[str, str] = {}
         raw_timeout = raw_visited = raw_depth = None
@@ -248,14 +254,9 @@ class Routing:
             if not name.startswith(b"x-"):
                 continue
             if name.startswith(b"x-capability-"):
-                if len(name) == _CAPABILITY_PREFIX_LEN:
-                    continue
-                value = raw.decode("latin-1").strip()
-                if not value:
-                    raise BadRequest(
-                        f"header {name.decode('latin-1')} is empty; give the capability's value"
-                    )
-                query[name[_CAPABILITY_PREFIX_LEN:].decode("latin-1").replace("-", "_")] = value
+                add_query_key(
+                    query, name[_CAPABILITY_PREFIX_LEN:].decode("latin-1"), raw.decode("latin-1")
+                )
             elif name == b"x-request-timeout":
                 if raw_timeout is None:
                     raw_timeout = raw.decode("latin-1")
@@ -264,16 +265,9 @@ class Routing:
                     raw_visited = raw.decode("latin-1")
             elif name == b"x-delegation-depth" and raw_depth is None:
                 raw_depth = raw.decode("latin-1")
-        # `stream` is not an attribute but the route: accept it when it agrees.
-        said = query.pop("stream", None)
-        if said is not None and said.lower() != str(stream).lower():
-            route = "/infer/stream" if said.lower() == "true" else "/infer/json or /infer"
-            raise BadRequest(f"X-Capability-Stream: {said} does not fit this route; use {route}")
-        if not query:
-            raise BadRequest(
-                "no X-Capability-* header: say which capability to call, "
-                "e.g. -H 'X-Capability-Type: chat'"
-            )
+        query = finish_query(
+            query, stream=stream, missing=_NO_CAPABILITY, path=path, routes=_ROUTES
+        )
         timeout = default_timeout
         if raw_timeout is not None:
             try:

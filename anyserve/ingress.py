@@ -37,10 +37,10 @@ import grpc.aio
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+from anyserve.capability import format_query, query_from_metadata
 from anyserve.defaults import max_message_bytes
-from anyserve.errors import AnyServeError, BadRequest, NotFound, Unauthorized, Unavailable
+from anyserve.errors import AnyServeError, NotFound, Unauthorized, Unavailable
 from anyserve.kserve import EXTENSIONS, model_versions, serving, with_raw_outputs
-from anyserve.registry import format_query
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -53,7 +53,11 @@ __all__ = ["HTTP_EQUIVALENT", "Ingress", "TokenCheck", "start"]
 
 log = logging.getLogger("anyserve.ingress")
 
-_CAPABILITY_PREFIX = "x-capability-"
+_NO_CAPABILITY = (
+    "say which model to call: set model_name (the capability type) or x-capability-<key> metadata"
+)
+# The RPCs to suggest when x-capability-stream disagrees with the RPC: (unary, stream).
+_ROUTES = ("ModelInfer", "ModelStreamInfer")
 
 #: The HTTP route (method, path) answering what each RPC answers: an RPC needs the token
 #: exactly when that route does (see ``api_server.Guard``).
@@ -84,6 +88,19 @@ async def _never() -> None:
     """The ``client_gone`` of a gRPC stream: gRPC cancels the RPC's task when its client
     goes away, so there is nothing else to watch for."""
     await asyncio.Event().wait()
+
+
+def grpc_query(
+    name: str, version: str, metadata: Mapping[str, str], stream: bool = False
+) -> dict[str, str]:
+    """The query by :mod:`anyserve.capability`'s rule: ``model_name`` and
+    ``model_version`` are the v2 path's name and version, ``x-capability-*`` the headers."""
+    path = {"type": name} if name else {}
+    if version:
+        path["model"] = version
+    return query_from_metadata(
+        metadata.items(), stream=stream, missing=_NO_CAPABILITY, path=path, routes=_ROUTES
+    )
 
 
 class TokenCheck:
@@ -139,22 +156,6 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
 
     # Routing ----------------------------------------------------------------------------
 
-    def _query(self, name: str, version: str, metadata: Mapping[str, str]) -> dict[str, str]:
-        query = {"type": name} if name else {}
-        if version:
-            query["model"] = version
-        for key, value in metadata.items():
-            if key.startswith(_CAPABILITY_PREFIX) and len(key) > len(_CAPABILITY_PREFIX):
-                attr = key[len(_CAPABILITY_PREFIX) :].replace("-", "_")
-                if attr not in query and value.strip():
-                    query[attr] = value.strip()
-        if not query:
-            raise BadRequest(
-                "say which model to call: set model_name (the capability type) or "
-                "x-capability-<key> metadata"
-            )
-        return query
-
     def _routing(self, rpc: str, request: pb.ModelInferRequest, context: Context) -> Routing:
         """Check the token, then read where the request may go and its deadline."""
         from anyserve.api_server import Routing
@@ -163,7 +164,9 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         request_id = _request_id(metadata)
         try:
             self.tokens.check(rpc, metadata)
-            query = self._query(request.model_name, request.model_version, metadata)
+            query = grpc_query(
+                request.model_name, request.model_version, metadata, rpc == "ModelStreamInfer"
+            )
         except AnyServeError as exc:
             log.info("grpc %s %s -> %d %s", request_id, rpc, exc.status, exc.message)
             raise
@@ -227,7 +230,7 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
     def _matching(
         self, request: Any, metadata: Mapping[str, str]
     ) -> tuple[dict[str, str], list[Any]]:
-        query = self._query(request.name, request.version, metadata)
+        query = grpc_query(request.name, request.version, metadata)
         return query, list(serving(self.gateway.registry, query))
 
     async def ModelReady(self, request: Any, context: Context) -> pb.ModelReadyResponse:

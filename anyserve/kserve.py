@@ -78,8 +78,6 @@ EXTENSIONS = ["binary_tensor_data", "parameters"]
 HEADER_LENGTH = "inference-header-content-length"
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
-# The header keys a v2 path sets; a client's X-Capability-Type/-Model headers yield to it.
-_PATH_HEADERS = {"type": b"x-capability-type", "model": b"x-capability-model"}
 
 _LENGTH = struct.Struct("<I")
 # The catch-all route takes every method, so that a wrong one on a v2 path is answered here.
@@ -472,17 +470,13 @@ def _routing(request: Request, gateway: Gateway) -> Routing:
     from anyserve.api_server import Routing
 
     name, version = _model(request)
-    path_keys = {"type": name, **({"model": version} if version else {})}
-    overridden = {_PATH_HEADERS[k] for k in path_keys}
-    headers = [(k, v) for k, v in request.scope["headers"] if k not in overridden]
-    # Routing parses the headers (timeout, delegation, the other capability keys); the path's
-    # own keys are set on its query afterwards, so any text in a model name is matched as is.
-    headers.append((b"x-capability-type", b"-"))
-    routed = Request({**request.scope, "headers": headers}, request.receive)
-    routing = Routing.from_request(routed, gateway.config.request_timeout)
-    rest = {k: v for k, v in routing.query.items() if k not in path_keys}
-    routing.query = {**path_keys, **rest}
-    return routing
+    # The path's keys win over X-Capability-Type/-Model headers; without a version in the
+    # path, X-Capability-Model may narrow the choice.
+    path = {"type": name, "model": version} if version else {"type": name}
+    scope = request.scope
+    return Routing.from_headers(
+        scope["headers"], scope["state"]["request_id"], gateway.config.request_timeout, path=path
+    )
 
 
 def serving(registry: Registry, query: Mapping[str, str]) -> Iterator[Capability]:

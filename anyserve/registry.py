@@ -31,6 +31,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyserve.capability import capability_text, format_query, value_text
 from anyserve.defaults import MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT
 from anyserve.errors import (
     AnyServeError,
@@ -140,24 +141,6 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: where it points is not known without resolving it
     mapped = getattr(address, "ipv4_mapped", None)
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
-def value_text(value: Any) -> str:
-    """A capability value as the text it is compared by (``True`` → ``"true"``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def format_query(query: Mapping[str, str]) -> str:
-    """``{"type": "chat", "model": "demo"}`` → ``"type=chat model=demo"``."""
-    return " ".join(f"{k}={v}" for k, v in query.items())
-
-
-def capability_text(attrs: Mapping[str, Any], stream: bool = False) -> str:
-    """How a capability is shown in messages and tables: ``type=chat model=demo``."""
-    text = format_query({k: value_text(v) for k, v in attrs.items()})
-    return f"{text} (stream)" if stream else text
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ import grpc
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
-from anyserve.app import AnyServe, Handler, as_text
+from anyserve.app import AnyServe, Handler
+from anyserve.capability import headers_for, value_text
 from anyserve.context import Context, Stream, StreamClosed
 from anyserve.defaults import (
     MAX_DELEGATION_DEPTH,
@@ -157,8 +158,7 @@ class Delegator:
             headers["X-Delegated-From"] = ",".join(visited)
         if timeout is not None:
             headers["X-Request-Timeout"] = str(timeout)
-        for key, value in query.items():
-            headers["X-Capability-" + "-".join(p.capitalize() for p in key.split("_"))] = value
+        headers.update(headers_for(query))
         return headers
 
     @staticmethod
@@ -432,7 +432,7 @@ class Replica:
             if cached is not None:
                 return cached
             try:
-                query = {str(k): as_text(v) for k, v in json.loads(raw).items()}
+                query = {str(k): value_text(v) for k, v in json.loads(raw).items()}
             except (ValueError, AttributeError):
                 query = {}
             if query:
@@ -740,9 +740,9 @@ def _name_model(request: pb.ModelInferRequest, handler: Handler) -> None:
     (model name = ``type``, version = ``model``), so replies built from it say who answered."""
     if not request.model_name:
         attrs = handler.capability.attrs
-        request.model_name = as_text(attrs.get("type", ""))
+        request.model_name = value_text(attrs.get("type", ""))
         if not request.model_version and "model" in attrs:
-            request.model_version = as_text(attrs["model"])
+            request.model_version = value_text(attrs["model"])
 
 
 def _retry_after(value: str | None, default: float) -> float:

@@ -58,6 +58,7 @@ from anyserve.defaults import (
     max_message_bytes,
 )
 from anyserve.errors import (
+    CHALLENGE,
     AnyServeError,
     BadRequest,
     ClientGone,
@@ -66,9 +67,9 @@ from anyserve.errors import (
     HandlerError,
     NotFound,
     PayloadTooLarge,
-    Unauthorized,
     Unavailable,
-    UpstreamError,
+    error_headers,
+    from_grpc,
 )
 from anyserve.registry import (
     MAX_QUEUE,
@@ -353,43 +354,12 @@ def _transport_failure(exc: grpc.aio.AioRpcError) -> bool:
     return any(marker in details for marker in _TRANSPORT_FAILURES)
 
 
-def _not_sent(exc: grpc.aio.AioRpcError) -> bool:
-    """True when the call failed before reaching the replica (no connection was made)."""
-    return exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (
-        exc.details() or ""
-    )
-
-
-def _translate(exc: grpc.aio.AioRpcError, choice: Choice, timeout: float) -> AnyServeError:
+def _translate(
+    exc: grpc.aio.AioRpcError, choice: Choice, timeout: float, max_message: int
+) -> AnyServeError:
     """The AnyServe error for a failed gRPC call to ``choice``."""
-    code, details = exc.code(), exc.details() or ""
     where = f"replica {choice.replica_id} at {choice.endpoint}"
-    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-        # A handler error: the replica already logged the traceback; the client gets the message.
-        return HandlerError(details or f"{where} failed without a message")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"{where} is unavailable: {details}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(
-            f"no reply from {where} within {timeout:g}s "
-            "(send X-Request-Timeout: <seconds> for longer requests)"
-        )
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(details)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        return BadRequest(details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if "larger than max" in details or "message larger" in details.lower():
-            return PayloadTooLarge(f"{details} (the limit is {MAX_MESSAGE_BYTES} bytes)")
-        return Unavailable(f"{where} is overloaded: {details}")
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        # The replica uses this code for a delegation that went past the depth limit.
-        return DelegationLoop(details)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return Unauthorized(details)
-    if code == grpc.StatusCode.CANCELLED:
-        return Unavailable(f"{where} cancelled the request: {details}")
-    return UpstreamError(f"{where} answered {code.name}: {details}")
+    return from_grpc(exc.code(), exc.details() or "", where, timeout, max_message)
 
 
 # --------------------------------------------------------------------------- channels and streams
@@ -618,6 +588,8 @@ class Gateway:
 
     def __init__(self, config: ApiServerConfig, registry: Registry | None = None) -> None:
         self.config = config
+        #: The gRPC message limit both ways, from the configured body limit.
+        self.max_message = max_message_bytes(config.max_body_size)
         if registry is None:  # (an empty registry is falsy: it has a length)
             registry = Registry(
                 config.lease_ttl,
@@ -631,7 +603,7 @@ class Gateway:
         self.registry = registry
         self.channels = Channels(
             close_grace=config.request_timeout,
-            options=channel_options(max_message_bytes(config.max_body_size)),
+            options=channel_options(self.max_message),
         )
         self.streams = Streams()
         self.registrations = RateLimiter(config.register_rate, config.register_burst)
@@ -865,7 +837,7 @@ class Gateway:
                     if not retried:
                         exclude = [*exclude]
                     if retried or not self._retry(exc, choice, routing, exclude, stream=False):
-                        raise _translate(exc, choice, routing.timeout) from None
+                        raise _translate(exc, choice, routing.timeout, self.max_message) from None
                     failure = exc
                 finally:
                     self.registry.finish(choice, (time.perf_counter() - sent) * 1000, ok)
@@ -930,7 +902,7 @@ class Gateway:
                     if not retried:
                         exclude = [*exclude]
                     if retried or not self._retry(exc, choice, routing, exclude, stream=True):
-                        raise _translate(exc, choice, routing.timeout) from None
+                        raise _translate(exc, choice, routing.timeout, self.max_message) from None
                     retried = True
                     self.retrying += 1
                     await self._back_off(routing, deadline, exc)
@@ -963,7 +935,7 @@ class Gateway:
             return stream.ended_by
         if _transport_failure(exc):
             self._eject(stream.choice, exc)
-        return _translate(exc, stream.choice, timeout)
+        return _translate(exc, stream.choice, timeout, self.max_message)
 
     # Objects ---------------------------------------------------------------------------
 
@@ -1458,23 +1430,6 @@ async def error_response(request: Request, exc: Exception) -> Response:
     return _json({"detail": f"internal error (request id {request_id})"}, status=500)
 
 
-def error_headers(exc: AnyServeError) -> dict[str, str] | None:
-    """The headers an error's reply carries: when to retry, how to authenticate."""
-    retry_after: float | None = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        # Retry-After is whole seconds; rounding down to 0 would invite an immediate retry.
-        return {"Retry-After": str(max(1, math.ceil(retry_after)))}
-    if exc.status == 401:
-        return {"WWW-Authenticate": _CHALLENGE}
-    # (A 413 keeps the connection: closing it with the body unread would make the kernel
-    # reset it, and the client would see the reset instead of the answer. The rest of the
-    # body is read and dropped, within the request head timeout.)
-    return None
-
-
-_CHALLENGE = 'Bearer realm="anyserve"'
-
-
 def _error_reply(
     path: str, status: int, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:
@@ -1536,7 +1491,7 @@ class Guard:
                     else f"{method} {path} needs the API server's token: send "
                     "'Authorization: Bearer <token>' (ANYSERVE_TOKEN)"
                 )
-                challenge = _CHALLENGE + (', error="invalid_token"' if wrong else "")
+                challenge = CHALLENGE + (', error="invalid_token"' if wrong else "")
                 return _error_reply(path, 401, message, {"WWW-Authenticate": challenge})
         if length is not None:
             limit = self.body_limit(method, path)

@@ -39,7 +39,14 @@ from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.capability import format_query, query_from_metadata
 from anyserve.defaults import max_message_bytes
-from anyserve.errors import AnyServeError, NotFound, Unauthorized, Unavailable
+from anyserve.errors import (
+    AnyServeError,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    grpc_code,
+    trailing_metadata,
+)
 from anyserve.kserve import EXTENSIONS, model_versions, serving, with_raw_outputs
 
 if TYPE_CHECKING:
@@ -135,18 +142,6 @@ class TokenCheck:
             raise Unauthorized("the bearer token is not this API server's")
 
 
-def trailing_metadata(exc: AnyServeError) -> tuple[tuple[str, str], ...]:
-    """What an error's gRPC status carries besides its code and message: the HTTP reply's
-    headers (``retry-after``, ``www-authenticate``); every ``UNAVAILABLE`` says when to
-    retry, as every HTTP 503 does."""
-    from anyserve.api_server import error_headers
-
-    headers = {k.lower(): v for k, v in (error_headers(exc) or {}).items()}
-    if exc.status == 503:
-        headers.setdefault("retry-after", "1")
-    return tuple(headers.items())
-
-
 class Ingress(pbg.GRPCInferenceServiceServicer):
     """The seven KServe v2 RPCs, answered through the gateway and its registry."""
 
@@ -194,8 +189,6 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
 
     @staticmethod
     async def _abort(context: Context, exc: AnyServeError) -> NoReturn:
-        from anyserve.replica import grpc_code
-
         await context.abort(grpc_code(exc), exc.message, trailing_metadata(exc))
         raise AssertionError("grpc.aio's abort always raises")  # (untyped: tell mypy so)
 

@@ -45,7 +45,14 @@ from starlette.routing import Match, Route
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.defaults import max_message_bytes
-from anyserve.errors import AnyServeError, BadRequest, HandlerError, NotFound, PayloadTooLarge
+from anyserve.errors import (
+    AnyServeError,
+    BadRequest,
+    HandlerError,
+    NotFound,
+    PayloadTooLarge,
+    error_headers,
+)
 from anyserve.tensors import (
     DATATYPE_FIELD,
     RAW_STRUCT_CODE,
@@ -448,8 +455,6 @@ def _v2(endpoint: Endpoint) -> Endpoint:
         try:
             return await endpoint(request)
         except AnyServeError as exc:
-            from anyserve.api_server import error_headers  # (it imports this module)
-
             return _error(exc.message, exc.status, error_headers(exc))
 
     return answer

@@ -42,15 +42,11 @@ from anyserve.defaults import (
 from anyserve.errors import (
     AnyServeError,
     AppLoadError,
-    BadRequest,
-    DeadlineExceeded,
     DelegationLoop,
     HandlerError,
     NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    Unauthorized,
     Unavailable,
+    grpc_code,
 )
 
 log = logging.getLogger("anyserve.replica")
@@ -106,27 +102,6 @@ def load_app(ref: str) -> AnyServe:
     if not obj.handlers:
         raise AppLoadError(f"{ref} declares no capabilities (use @app.capability(...))")
     return obj
-
-
-# gRPC status for each error class, and the reverse for errors coming back from the API server.
-_GRPC_CODE: list[tuple[type[AnyServeError], grpc.StatusCode]] = [
-    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (Unauthorized, grpc.StatusCode.UNAUTHENTICATED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (DelegationLoop, grpc.StatusCode.FAILED_PRECONDITION),
-    (HandlerError, grpc.StatusCode.UNKNOWN),
-]
-
-
-def grpc_code(exc: AnyServeError) -> grpc.StatusCode:
-    for cls, code in _GRPC_CODE:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 class Delegator:

@@ -25,7 +25,6 @@ reply in ``api_server``, to a gRPC status in ``replica``, to an exit code in ``c
     ├── UpstreamError (502)              a replica answered with a transport error
     ├── Unavailable (503)                no replica reachable, overloaded, shutting down
     │   ├── Overloaded (503)             every usable replica is full and so is the queue
-    │   │   └── Saturated (503)          every usable replica is at its limit
     │   ├── NoHealthyReplica (503)       replicas match but all are ejected or failing
     │   └── NotReachable (503)           the API server itself is not reachable (client side)
     ├── DeadlineExceeded (504)
@@ -158,11 +157,6 @@ class Overloaded(Unavailable):
 
     #: Seconds a client should wait before retrying (the ``Retry-After`` header).
     retry_after: float = 1.0
-
-
-class Saturated(Overloaded):
-    """Raised by :meth:`Registry.choose` when every usable replica is at its limit: the
-    caller may wait for a slot (:meth:`Registry.enqueue`) or answer 503 as it is."""
 
 
 class NoHealthyReplica(Unavailable):

@@ -43,7 +43,6 @@ from anyserve.errors import (
     NoMatchingCapability,
     Overloaded,
     RegistryFull,
-    Saturated,
     TooManyRegistrations,
 )
 
@@ -61,7 +60,6 @@ __all__ = [
     "RegistryFull",
     "ReplicaRecord",
     "ReplicaStats",
-    "Saturated",
     "TooManyRegistrations",
     "Waiter",
     "capability_text",
@@ -622,7 +620,7 @@ class Registry:
 
         When a replica has several matching capabilities the most specific one (fewest
         attributes, then declaration order) is the one its handler is chosen by. Health
-        and load are not considered here; :meth:`choose` does.
+        and load are not considered here; :meth:`try_acquire` does.
         """
         excluded = set(exclude)
         found = []
@@ -634,36 +632,15 @@ class Registry:
                 found.append((record, capability))
         return found
 
-    def choose(
-        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
-    ) -> Choice:
-        """Pick the least-loaded usable matching replica below its limit, ties in turn.
-
-        Raises :class:`NoMatchingCapability` (404) with a message listing what exists,
-        :class:`NoHealthyReplica` (503) when every match is ejected or unhealthy, and
-        :class:`Saturated` (503) when every usable match is at its ``max_in_flight``.
-        """
-        picked = self._pick(query, stream, exclude)
-        if isinstance(picked, Choice):
-            return picked
-        raise self._why_busy(query, stream, picked, self._clock())
-
-    def acquire(
-        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
-    ) -> Choice:
-        """:meth:`choose`, and count the request in flight on the chosen replica."""
-        choice = self.choose(query, stream, exclude)
-        self.begin(choice)
-        return choice
-
     def try_acquire(
         self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
     ) -> Choice | None:
-        """:meth:`acquire`, but None where it would raise :class:`Saturated`.
+        """Pick the least-loaded usable matching replica below its limit (ties in turn) and
+        count the request in flight on it; None when every usable match is at its
+        ``max_in_flight``: the caller then waits for a slot (:meth:`enqueue`).
 
-        For a caller that then waits for a slot (:meth:`enqueue`): under load that is
-        every other request, and the 503 it would not send cost an exception with its
-        message made each time.
+        Raises :class:`NoMatchingCapability` (404) with a message listing what exists, and
+        :class:`NoHealthyReplica` (503) when every match is ejected or unhealthy.
         """
         picked = self._pick(query, stream, exclude)
         if isinstance(picked, Choice):
@@ -672,12 +649,12 @@ class Registry:
         now = self._clock()
         if any(r.usable(now) for r, _ in picked):
             return None
-        raise self._why_busy(query, stream, picked, now)
+        raise self._unavailable(query, stream, picked, now)
 
     def _pick(
         self, query: Mapping[str, str], stream: bool, exclude: Collection[str]
     ) -> Choice | list[tuple[ReplicaRecord, Capability]]:
-        """:meth:`choose`'s pick, or every match when none of them can take a request."""
+        """:meth:`try_acquire`'s pick, or every match when none of them can take a request."""
         found = self.candidates(query, stream, exclude)
         if not found:
             raise NoMatchingCapability(self.describe_miss(query, stream, exclude))
@@ -839,21 +816,15 @@ class Registry:
                 record.stats.release(capability)
                 self._in_flight -= 1
 
-    def _why_busy(
+    def _unavailable(
         self,
         query: Mapping[str, str],
         stream: bool,
         found: list[tuple[ReplicaRecord, Capability]],
         now: float,
     ) -> AnyServeError:
-        """The error for matches none of which can take a request now."""
+        """The error for matches none of which is usable (ejected or failing health checks)."""
         kind = "streaming " if stream else ""
-        if any(r.usable(now) for r, _ in found):
-            limits = ", ".join(f"{r.replica_id}={r.max_in_flight}" for r, _ in found)
-            return Saturated(
-                f"every replica serving {kind}{format_query(query)} is at its limit of "
-                f"requests in flight ({limits}); retry later, or add replicas"
-            )
         reasons = []
         for record, _ in found:
             if not record.healthy:

@@ -175,11 +175,11 @@ def test_v2_errors_keep_their_headers() -> None:
 
 
 def test_v2_infer_beyond_the_limit_and_the_queue_is_503_with_retry_after() -> None:
-    from .reliability import registration
+    from .reliability import registration, take
 
     registry = Registry(max_queue=0)
     registry.register(registration("busy", max_in_flight=1))
-    registry.acquire({"type": "chat"})  # its only slot is taken
+    take(registry, {"type": "chat"})  # its only slot is taken
     (shed,) = _asgi(create_app(ApiServerConfig(), registry), ("POST", "/v2/models/chat/infer"))
     assert shed.status_code == 503
     assert shed.headers["Retry-After"] == "1"

@@ -3,7 +3,7 @@
 With ``--grpc-port`` the API server also serves the replicas' own gRPC service, so a gRPC
 client (Triton's, KServe's) needs only the API server's address. ``ModelInfer`` and
 ``ModelStreamInfer`` take the HTTP routes' path through the same
-:class:`~anyserve.api_server.Gateway`: ``model_name`` is the capability ``type``,
+:class:`~anyserve.server.gateway.Gateway`: ``model_name`` is the capability ``type``,
 ``model_version`` its ``model``, and ``x-capability-<key>`` metadata adds further keys.
 So they share the per-replica ``max_in_flight`` limit and the bounded queue, failover with
 back-off and the retry budget, passive ejection and the stream idle timeout. ``x-request-id``
@@ -47,12 +47,16 @@ from anyserve.errors import (
     grpc_code,
     trailing_metadata,
 )
-from anyserve.kserve import EXTENSIONS, model_versions, serving, with_raw_outputs
+from anyserve.kserve import model_versions, serving
+from anyserve.server.auth import Guard
+from anyserve.server.gateway import Gateway, task_cancelling
+from anyserve.server.routing import Routing
+from anyserve.v2codec import EXTENSIONS, with_raw_outputs
 
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from anyserve.api_server import ApiServerConfig, Gateway, Routing
+    from anyserve.server.config import ApiServerConfig
 
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -67,7 +71,7 @@ _NO_CAPABILITY = (
 _ROUTES = ("ModelInfer", "ModelStreamInfer")
 
 #: The HTTP route (method, path) answering what each RPC answers: an RPC needs the token
-#: exactly when that route does (see ``api_server.Guard``).
+#: exactly when that route does (see ``anyserve.server.auth.Guard``).
 HTTP_EQUIVALENT: dict[str, tuple[str, str]] = {
     "ServerLive": ("GET", "/v2/health/live"),
     "ServerReady": ("GET", "/v2/health/ready"),
@@ -114,8 +118,6 @@ class TokenCheck:
     """Which RPCs need the API server's bearer token, and whether a request carries it."""
 
     def __init__(self, config: ApiServerConfig) -> None:
-        from anyserve.api_server import Guard
-
         self._token = config.token.encode() if config.token else None
         self._guard = Guard(config)
 
@@ -153,8 +155,6 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
 
     def _routing(self, rpc: str, request: pb.ModelInferRequest, context: Context) -> Routing:
         """Check the token, then read where the request may go and its deadline."""
-        from anyserve.api_server import Routing
-
         metadata = _metadata(context)
         request_id = _request_id(metadata)
         try:
@@ -275,10 +275,8 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Relay a stream started by :meth:`Gateway.start_stream
-        <anyserve.api_server.Gateway.start_stream>`; a failure once a message was relayed
+        <anyserve.server.gateway.Gateway.start_stream>`; a failure once a message was relayed
         ends it with an error status (it is never replayed)."""
-        from anyserve.api_server import _task_cancelling
-
         started = time.perf_counter()
         gateway = self.gateway
         routing: Routing | None = None
@@ -314,7 +312,7 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         except asyncio.CancelledError:
             # Either the client went away (gRPC cancels this task: nobody is left to tell)
             # or the API server ended the call (idle, shutdown: tell the client).
-            if stream.ended_by is None or _task_cancelling():
+            if stream.ended_by is None or task_cancelling():
                 raise
             ok = stream.shutting_down
             error = stream.ended_by

@@ -498,7 +498,7 @@ class Replica:
             raise AnyServeError(message)
         if request.raw_input_contents:
             # Triton's clients send raw tensors and read raw outputs back (as Triton answers).
-            from anyserve.kserve import with_raw_outputs
+            from anyserve.v2codec import with_raw_outputs
 
             response = with_raw_outputs(response)
         log.info(
@@ -543,7 +543,7 @@ class Replica:
         try:
             async for message in stream.messages():
                 if raw and message.HasField("infer_response"):
-                    from anyserve.kserve import with_raw_outputs
+                    from anyserve.v2codec import with_raw_outputs
 
                     message.infer_response.CopyFrom(with_raw_outputs(message.infer_response))
                 yield message

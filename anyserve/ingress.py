@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -48,9 +47,9 @@ from anyserve.errors import (
     trailing_metadata,
 )
 from anyserve.kserve import model_versions, serving
-from anyserve.server.auth import Guard
+from anyserve.server.auth import Guard, bearer
 from anyserve.server.gateway import Gateway, task_cancelling
-from anyserve.server.routing import Routing
+from anyserve.server.routing import Routing, request_id_for
 from anyserve.v2codec import EXTENSIONS, with_raw_outputs
 
 if TYPE_CHECKING:
@@ -86,13 +85,6 @@ HTTP_EQUIVALENT: dict[str, tuple[str, str]] = {
 def _metadata(context: Context) -> dict[str, str]:
     """The request's text metadata (``-bin`` keys, which carry bytes, are left out)."""
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
-def _request_id(metadata: Mapping[str, str]) -> str:
-    given = metadata.get("x-request-id", "")
-    if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
-        return given
-    return secrets.token_hex(8)
 
 
 async def _never() -> None:
@@ -132,8 +124,7 @@ class TokenCheck:
         """:class:`Unauthorized` unless ``rpc`` is open or ``metadata`` carries the token."""
         if self._token is None or not self.needs_token(rpc):
             return
-        scheme, _, given = metadata.get("authorization", "").strip().partition(" ")
-        presented = given.strip().encode() if scheme.lower() == "bearer" else b""
+        presented = bearer(metadata.get("authorization", "").encode())
         if not presented:
             raise Unauthorized(
                 f"{rpc} needs the API server's token: send the metadata "
@@ -156,7 +147,7 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
     def _routing(self, rpc: str, request: pb.ModelInferRequest, context: Context) -> Routing:
         """Check the token, then read where the request may go and its deadline."""
         metadata = _metadata(context)
-        request_id = _request_id(metadata)
+        request_id = request_id_for(metadata.get("x-request-id"))
         try:
             self.tokens.check(rpc, metadata)
             query = grpc_query(

@@ -24,6 +24,8 @@ from anyserve.capability import (
 )
 from anyserve.errors import BadRequest
 from anyserve.ingress import grpc_query
+from anyserve.server.auth import bearer
+from anyserve.server.routing import REQUEST_ID, request_id_for
 
 Pairs = list[tuple[str, str]]
 Surface = Callable[[Pairs, str, str, bool], dict[str, str]]
@@ -136,3 +138,32 @@ def test_values_and_labels_as_text() -> None:
     )
     assert parse_capability("type=embed, model=x") == {"type": "embed", "model": "x"}
     assert parse_capability({"gpus": 2}) == {"gpus": "2"}
+
+
+# The other per-request rules the HTTP and gRPC surfaces share.
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("abc-123", True), ("  trace:9/x=1  ", True), ("has space", False), ("", False),
+     ("é", False), ("x" * 128, True), ("x" * 129, False), (None, False)],
+)  # fmt: skip
+def test_a_request_id_is_kept_or_replaced_by_one_rule(given: str | None, kept: bool) -> None:
+    got = request_id_for(given)
+    if kept:
+        assert given is not None and got == given.strip()
+    else:
+        assert got != given and REQUEST_ID.fullmatch(got)
+
+
+def test_fresh_request_ids_are_unique() -> None:
+    assert len({request_id_for(None) for _ in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [(b"Bearer t0k", b"t0k"), (b"bearer   t0k ", b"t0k"), (b"Basic t0k", None), (b"Bearer", None),
+     (b"", None), (None, None)],
+)  # fmt: skip
+def test_one_bearer_parser(header: bytes | None, token: bytes | None) -> None:
+    assert bearer(header) == token

@@ -65,7 +65,7 @@ class Guard:
         """The reply refusing this request (401, 413), or None to let it through."""
         method, path = scope["method"], scope["path"]
         if self._token is not None and self.needs_token(method, path):
-            presented = _bearer(authorization)
+            presented = bearer(authorization)
             # compare_digest: the time taken says nothing about how much of a guess was right.
             if presented is None or not hmac.compare_digest(presented, self._token):
                 wrong = presented is not None
@@ -110,7 +110,7 @@ class Guard:
         return receive_counted
 
 
-def _bearer(authorization: bytes | None) -> bytes | None:
+def bearer(authorization: bytes | None) -> bytes | None:
     """The token of an ``Authorization: Bearer <token>`` header, or None."""
     if authorization is None:
         return None

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import re
-import secrets
 import time
 from collections.abc import (
     AsyncIterator,
@@ -30,14 +27,13 @@ from anyserve.server.config import ApiServerConfig
 from anyserve.server.gateway import Gateway, check_health_forever, evict_forever
 from anyserve.server.replies import error_response
 from anyserve.server.routes import DIRECT_ROUTES, ROUTES
+from anyserve.server.routing import REQUEST_ID, new_request_id
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 log = logging.getLogger("anyserve.api_server")
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 # --------------------------------------------------------------------------- request log
@@ -143,34 +139,12 @@ def _scan_headers(scope: Scope) -> tuple[str, bytes | None, bytes | None]:
         if name == b"x-request-id":
             if request_id is None:
                 text = value.decode("latin-1").strip()
-                request_id = text if _REQUEST_ID.fullmatch(text) else ""
+                request_id = text if REQUEST_ID.fullmatch(text) else ""
         elif name == b"content-length":
             length = value
         elif name == b"authorization":
             authorization = value
-    return request_id or _new_request_id(), length, authorization
-
-
-class RequestIds:
-    """Request ids for requests that came without one: ``<prefix><counter>`` in hex.
-
-    The prefix is 8 random hex digits drawn once per process, the counter counts from a
-    random start; ids are unique within a process (the counter only grows, past 8 digits
-    if need be) and, with near certainty, across processes and restarts. They name log
-    lines, not secrets: ids of one process are sequential, and whoever sees one can
-    guess its neighbours. ``secrets.token_hex`` per request cost a ``getrandom`` system
-    call each (2 % of the API server's CPU at concurrency 16).
-    """
-
-    def __init__(self) -> None:
-        self._prefix = secrets.token_hex(4)
-        self._next = itertools.count(secrets.randbelow(1 << 28)).__next__
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{self._next():08x}"
-
-
-_new_request_id = RequestIds()
+    return request_id or new_request_id(), length, authorization
 
 
 # Routes polled all the time (or logged by their route function already).

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
+import secrets
 from collections.abc import (
     Iterable,
     Mapping,
@@ -167,3 +170,42 @@ def note(request: Request, routing: Routing, choice: Choice | None = None) -> No
         state["capability"] = format_query(routing.query)
     if choice is not None:
         state["replica"] = choice.replica_id
+
+
+# --------------------------------------------------------------------------- request ids
+
+#: A client's ``X-Request-ID`` (HTTP header or gRPC metadata) is kept when it matches this;
+#: otherwise the request gets a fresh id. The characters are safe in a log line and a header.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+class RequestIds:
+    """Request ids for requests that came without one: ``<prefix><counter>`` in hex.
+
+    The prefix is 8 random hex digits drawn once per process, the counter counts from a
+    random start; ids are unique within a process (the counter only grows, past 8 digits
+    if need be) and, with near certainty, across processes and restarts. They name log
+    lines, not secrets: ids of one process are sequential, and whoever sees one can
+    guess its neighbours. ``secrets.token_hex`` per request cost a ``getrandom`` system
+    call each (2 % of the API server's CPU at concurrency 16).
+    """
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = itertools.count(secrets.randbelow(1 << 28)).__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():08x}"
+
+
+#: A fresh request id (for a request that came without a valid one).
+new_request_id = RequestIds()
+
+
+def request_id_for(given: str | None) -> str:
+    """The id of a request that says ``given`` (None: said nothing): it, or a fresh one."""
+    if given is not None:
+        given = given.strip()
+        if REQUEST_ID.fullmatch(given):
+            return given
+    return new_request_id()

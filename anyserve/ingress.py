@@ -48,7 +48,7 @@ from anyserve.errors import (
 )
 from anyserve.kserve import model_versions, serving
 from anyserve.server.auth import Guard, bearer
-from anyserve.server.gateway import Gateway, task_cancelling
+from anyserve.server.gateway import Gateway
 from anyserve.server.routing import Routing, request_id_for
 from anyserve.v2codec import EXTENSIONS, with_raw_outputs
 
@@ -294,19 +294,16 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
                 sent += 1
                 message = await stream.call.read()
                 stream.last_message = time.monotonic()
-        except grpc.aio.AioRpcError as exc:
-            ok = stream.shutting_down
-            error = gateway.relay_error(stream, exc, routing.timeout)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            # A client that goes away cancels this task (gRPC does): end_of_relay says
+            # re-raise then, as nobody is left to tell.
+            ended = gateway.end_of_relay(stream, exc, routing.timeout, ok)
+            if ended is None:
+                raise
+            ok, error = ended
         except AnyServeError as exc:  # a reply that cannot be made raw
             ok = False
             error = exc
-        except asyncio.CancelledError:
-            # Either the client went away (gRPC cancels this task: nobody is left to tell)
-            # or the API server ended the call (idle, shutdown: tell the client).
-            if stream.ended_by is None or task_cancelling():
-                raise
-            ok = stream.shutting_down
-            error = stream.ended_by
         finally:
             stream.finish(ok)
         if error is not None:

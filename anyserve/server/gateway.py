@@ -593,6 +593,33 @@ class Gateway:
             self._eject(stream.choice, exc)
         return _translate(exc, stream.choice, timeout, self.max_message)
 
+    def end_of_relay(
+        self,
+        stream: OpenStream,
+        exc: BaseException,
+        timeout: float,
+        ok: bool,
+        client_left: bool = False,
+    ) -> tuple[bool, AnyServeError | None] | None:
+        """How a relay (SSE or the gRPC ingress) ends when reading ``stream`` raised ``exc``
+        (a gRPC error or a cancellation), after ``ok`` so far: whether the stream counts as
+        a success, and the error to tell the client (None: nobody to tell). None when
+        ``exc`` is the relay's own task being cancelled: the caller re-raises it.
+
+        The one place that says who ended a stream: the client (it left; ``client_left``),
+        the API server (idle timeout, shutdown: ``stream.ended_by``) or the replica.
+        """
+        if isinstance(exc, grpc.aio.AioRpcError):
+            if client_left:
+                return True, None
+            return stream.shutting_down, self.relay_error(stream, exc, timeout)
+        if client_left:
+            return ok, None  # nobody is left to tell
+        if stream.ended_by is not None and not task_cancelling():
+            # The API server ended the call (idle, shutdown): tell the client, then end.
+            return stream.shutting_down, stream.ended_by
+        return None
+
     # Objects ---------------------------------------------------------------------------
 
     async def objects(self) -> ObjectStore:

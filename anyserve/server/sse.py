@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 
 from anyserve.errors import AnyServeError
-from anyserve.server.gateway import Gateway, OpenStream, task_cancelling
+from anyserve.server.gateway import Gateway, OpenStream
 from anyserve.server.routing import Routing, candidates_text
 
 if TYPE_CHECKING:
@@ -93,20 +93,15 @@ class EventStreamResponse:
                 )
                 message = await read()
                 stream.last_message = time.monotonic()
-        except grpc.aio.AioRpcError as exc:
-            if self._client_left:
-                return True
-            error = self._gateway.relay_error(stream, exc, self._routing.timeout)
-            await send(_sse_body(error))
-            return stream.shutting_down
-        except asyncio.CancelledError:
-            if self._client_left:
-                return ok  # nobody is left to tell
-            if stream.ended_by is not None and not task_cancelling():
-                # The API server ended the call (idle, shutdown): tell the client, then end.
-                await send(_sse_body(stream.ended_by))
-                return stream.shutting_down
-            raise
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            ended = self._gateway.end_of_relay(
+                stream, exc, self._routing.timeout, ok, self._client_left
+            )
+            if ended is None:
+                raise
+            ok, error = ended
+            if error is not None:
+                await send(_sse_body(error))
         return ok
 
 

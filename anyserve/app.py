@@ -12,16 +12,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from anyserve.capability import value_text
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 AttrValue = str | int | float | bool
-
-
-def as_text(value: object) -> str:
-    """How a capability value compares: booleans as ``true``/``false``, the rest as ``str``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -33,12 +28,12 @@ class Capability:
 
     def text(self) -> dict[str, str]:
         """The attributes as the text they are compared by."""
-        return {k: as_text(v) for k, v in self.attrs.items()}
+        return {k: value_text(v) for k, v in self.attrs.items()}
 
     def matches(self, query: Mapping[str, object]) -> bool:
         """True when every key of ``query`` is an attribute with an equal value (as text)."""
         return all(
-            k in self.attrs and as_text(self.attrs[k]) == as_text(v) for k, v in query.items()
+            k in self.attrs and value_text(self.attrs[k]) == value_text(v) for k, v in query.items()
         )
 
     def equals(self, query: Mapping[str, object]) -> bool:

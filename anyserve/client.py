@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from anyserve.capability import headers_for, value_text
 from anyserve.errors import (
     AnyServeError,
     BadRequest,
@@ -502,23 +503,9 @@ def parse_capability(items: Iterable[str]) -> dict[str, str]:
     return caps
 
 
-def capability_text(value: Any) -> str:
-    """A capability value as the API server compares it: booleans as ``true``/``false``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def capability_headers(caps: Mapping[str, str]) -> dict[str, str]:
-    """``{"type": "chat", "max_tokens": "5"}`` → ``X-Capability-Type``, ``X-Capability-Max-Tokens``.
-
-    The API server lowercases the header suffix and turns ``-`` into ``_``, so this round-trips.
-    """
-    headers = {}
-    for key, value in caps.items():
-        words = re.split(r"[-_]", key)
-        headers["X-Capability-" + "-".join(w.capitalize() for w in words)] = str(value)
-    return headers
+# The SDK's names for the shared codec (the CLI and user code import them from here).
+capability_text = value_text
+capability_headers = headers_for
 
 
 def text_input(name: str, text: str) -> dict[str, Any]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
+from anyserve.capability import parse_capability
 from anyserve.errors import BadRequest, ObjectStoreError, Unavailable
 
 if TYPE_CHECKING:
@@ -201,9 +202,6 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-Caller = Callable[..., Any]
-
-
 class Context:
     """Per-request facts and services a handler can use.
 
@@ -271,21 +269,6 @@ class Context:
         return await caller.acall(
             parse_capability(capability), build_request(inputs), self, timeout
         )
-
-
-def parse_capability(capability: Mapping[str, Any] | str) -> dict[str, str]:
-    """``{"type": "embed"}`` or ``"type=embed,model=x"`` → a text query."""
-    from anyserve.app import as_text
-
-    if isinstance(capability, str):
-        out: dict[str, str] = {}
-        for part in filter(None, (p.strip() for p in capability.split(","))):
-            key, sep, value = part.partition("=")
-            if not sep or not key.strip():
-                raise BadRequest(f"capability {capability!r}: expected key=value[,key=value]")
-            out[key.strip()] = value.strip()
-        return out
-    return {str(k): as_text(v) for k, v in capability.items()}
 
 
 def build_request(inputs: Any) -> pb.ModelInferRequest:

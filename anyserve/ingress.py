@@ -3,7 +3,7 @@
 With ``--grpc-port`` the API server also serves the replicas' own gRPC service, so a gRPC
 client (Triton's, KServe's) needs only the API server's address. ``ModelInfer`` and
 ``ModelStreamInfer`` take the HTTP routes' path through the same
-:class:`~anyserve.api_server.Gateway`: ``model_name`` is the capability ``type``,
+:class:`~anyserve.server.gateway.Gateway`: ``model_name`` is the capability ``type``,
 ``model_version`` its ``model``, and ``x-capability-<key>`` metadata adds further keys.
 So they share the per-replica ``max_in_flight`` limit and the bounded queue, failover with
 back-off and the retry budget, passive ejection and the stream idle timeout. ``x-request-id``
@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -37,14 +36,26 @@ import grpc.aio
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
-from anyserve.errors import AnyServeError, BadRequest, NotFound, Unauthorized, Unavailable
-from anyserve.kserve import EXTENSIONS, model_versions, serving, with_raw_outputs
-from anyserve.registry import format_query
+from anyserve.capability import format_query, query_from_metadata
+from anyserve.defaults import max_message_bytes
+from anyserve.errors import (
+    AnyServeError,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    grpc_code,
+    trailing_metadata,
+)
+from anyserve.kserve import model_versions, serving
+from anyserve.server.auth import Guard, bearer
+from anyserve.server.gateway import Gateway
+from anyserve.server.routing import Routing, request_id_for
+from anyserve.v2codec import EXTENSIONS, with_raw_outputs
 
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from anyserve.api_server import ApiServerConfig, Gateway, Routing
+    from anyserve.server.config import ApiServerConfig
 
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -52,10 +63,14 @@ __all__ = ["HTTP_EQUIVALENT", "Ingress", "TokenCheck", "start"]
 
 log = logging.getLogger("anyserve.ingress")
 
-_CAPABILITY_PREFIX = "x-capability-"
+_NO_CAPABILITY = (
+    "say which model to call: set model_name (the capability type) or x-capability-<key> metadata"
+)
+# The RPCs to suggest when x-capability-stream disagrees with the RPC: (unary, stream).
+_ROUTES = ("ModelInfer", "ModelStreamInfer")
 
 #: The HTTP route (method, path) answering what each RPC answers: an RPC needs the token
-#: exactly when that route does (see ``api_server.Guard``).
+#: exactly when that route does (see ``anyserve.server.auth.Guard``).
 HTTP_EQUIVALENT: dict[str, tuple[str, str]] = {
     "ServerLive": ("GET", "/v2/health/live"),
     "ServerReady": ("GET", "/v2/health/ready"),
@@ -72,25 +87,29 @@ def _metadata(context: Context) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-def _request_id(metadata: Mapping[str, str]) -> str:
-    given = metadata.get("x-request-id", "")
-    if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
-        return given
-    return secrets.token_hex(8)
-
-
 async def _never() -> None:
     """The ``client_gone`` of a gRPC stream: gRPC cancels the RPC's task when its client
     goes away, so there is nothing else to watch for."""
     await asyncio.Event().wait()
 
 
+def grpc_query(
+    name: str, version: str, metadata: Mapping[str, str], stream: bool = False
+) -> dict[str, str]:
+    """The query by :mod:`anyserve.capability`'s rule: ``model_name`` and
+    ``model_version`` are the v2 path's name and version, ``x-capability-*`` the headers."""
+    path = {"type": name} if name else {}
+    if version:
+        path["model"] = version
+    return query_from_metadata(
+        metadata.items(), stream=stream, missing=_NO_CAPABILITY, path=path, routes=_ROUTES
+    )
+
+
 class TokenCheck:
     """Which RPCs need the API server's bearer token, and whether a request carries it."""
 
     def __init__(self, config: ApiServerConfig) -> None:
-        from anyserve.api_server import Guard
-
         self._token = config.token.encode() if config.token else None
         self._guard = Guard(config)
 
@@ -105,8 +124,7 @@ class TokenCheck:
         """:class:`Unauthorized` unless ``rpc`` is open or ``metadata`` carries the token."""
         if self._token is None or not self.needs_token(rpc):
             return
-        scheme, _, given = metadata.get("authorization", "").strip().partition(" ")
-        presented = given.strip().encode() if scheme.lower() == "bearer" else b""
+        presented = bearer(metadata.get("authorization", "").encode())
         if not presented:
             raise Unauthorized(
                 f"{rpc} needs the API server's token: send the metadata "
@@ -115,18 +133,6 @@ class TokenCheck:
         # compare_digest: the time taken says nothing about how much of a guess was right.
         if not hmac.compare_digest(presented, self._token):
             raise Unauthorized("the bearer token is not this API server's")
-
-
-def trailing_metadata(exc: AnyServeError) -> tuple[tuple[str, str], ...]:
-    """What an error's gRPC status carries besides its code and message: the HTTP reply's
-    headers (``retry-after``, ``www-authenticate``); every ``UNAVAILABLE`` says when to
-    retry, as every HTTP 503 does."""
-    from anyserve.api_server import error_headers
-
-    headers = {k.lower(): v for k, v in (error_headers(exc) or {}).items()}
-    if exc.status == 503:
-        headers.setdefault("retry-after", "1")
-    return tuple(headers.items())
 
 
 class Ingress(pbg.GRPCInferenceServiceServicer):
@@ -138,31 +144,15 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
 
     # Routing ----------------------------------------------------------------------------
 
-    def _query(self, name: str, version: str, metadata: Mapping[str, str]) -> dict[str, str]:
-        query = {"type": name} if name else {}
-        if version:
-            query["model"] = version
-        for key, value in metadata.items():
-            if key.startswith(_CAPABILITY_PREFIX) and len(key) > len(_CAPABILITY_PREFIX):
-                attr = key[len(_CAPABILITY_PREFIX) :].replace("-", "_")
-                if attr not in query and value.strip():
-                    query[attr] = value.strip()
-        if not query:
-            raise BadRequest(
-                "say which model to call: set model_name (the capability type) or "
-                "x-capability-<key> metadata"
-            )
-        return query
-
     def _routing(self, rpc: str, request: pb.ModelInferRequest, context: Context) -> Routing:
         """Check the token, then read where the request may go and its deadline."""
-        from anyserve.api_server import Routing
-
         metadata = _metadata(context)
-        request_id = _request_id(metadata)
+        request_id = request_id_for(metadata.get("x-request-id"))
         try:
             self.tokens.check(rpc, metadata)
-            query = self._query(request.model_name, request.model_version, metadata)
+            query = grpc_query(
+                request.model_name, request.model_version, metadata, rpc == "ModelStreamInfer"
+            )
         except AnyServeError as exc:
             log.info("grpc %s %s -> %d %s", request_id, rpc, exc.status, exc.message)
             raise
@@ -190,8 +180,6 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
 
     @staticmethod
     async def _abort(context: Context, exc: AnyServeError) -> NoReturn:
-        from anyserve.replica import grpc_code
-
         await context.abort(grpc_code(exc), exc.message, trailing_metadata(exc))
         raise AssertionError("grpc.aio's abort always raises")  # (untyped: tell mypy so)
 
@@ -226,7 +214,7 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
     def _matching(
         self, request: Any, metadata: Mapping[str, str]
     ) -> tuple[dict[str, str], list[Any]]:
-        query = self._query(request.name, request.version, metadata)
+        query = grpc_query(request.name, request.version, metadata)
         return query, list(serving(self.gateway.registry, query))
 
     async def ModelReady(self, request: Any, context: Context) -> pb.ModelReadyResponse:
@@ -278,10 +266,8 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Relay a stream started by :meth:`Gateway.start_stream
-        <anyserve.api_server.Gateway.start_stream>`; a failure once a message was relayed
+        <anyserve.server.gateway.Gateway.start_stream>`; a failure once a message was relayed
         ends it with an error status (it is never replayed)."""
-        from anyserve.api_server import _task_cancelling
-
         started = time.perf_counter()
         gateway = self.gateway
         routing: Routing | None = None
@@ -308,19 +294,16 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
                 sent += 1
                 message = await stream.call.read()
                 stream.last_message = time.monotonic()
-        except grpc.aio.AioRpcError as exc:
-            ok = stream.shutting_down
-            error = gateway.relay_error(stream, exc, routing.timeout)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            # A client that goes away cancels this task (gRPC does): end_of_relay says
+            # re-raise then, as nobody is left to tell.
+            ended = gateway.end_of_relay(stream, exc, routing.timeout, ok)
+            if ended is None:
+                raise
+            ok, error = ended
         except AnyServeError as exc:  # a reply that cannot be made raw
             ok = False
             error = exc
-        except asyncio.CancelledError:
-            # Either the client went away (gRPC cancels this task: nobody is left to tell)
-            # or the API server ended the call (idle, shutdown: tell the client).
-            if stream.ended_by is None or _task_cancelling():
-                raise
-            ok = stream.shutting_down
-            error = stream.ended_by
         finally:
             stream.finish(ok)
         if error is not None:
@@ -336,9 +319,7 @@ async def start(gateway: Gateway, host: str, port: int) -> grpc.aio.Server:
     protobuf framing, the limit of the channels to the replicas too. Raises
     :class:`~anyserve.errors.Unavailable` when the port cannot be bound.
     """
-    from anyserve.api_server import MESSAGE_SLACK
-
-    max_message = gateway.config.max_body_size + MESSAGE_SLACK
+    max_message = max_message_bytes(gateway.config.max_body_size)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
 
+from anyserve.defaults import OBJECT_STORE_PATH
 from anyserve.errors import (
     BadRequest,
     InvalidKey,
@@ -81,7 +82,7 @@ __all__ = [
     "validate_key",
 ]
 
-DEFAULT_PATH = "/tmp/anyserve-objects"
+DEFAULT_PATH = OBJECT_STORE_PATH
 CONTENT_TYPES = ("json", "bytes", "pickle")
 # File names are limited to 255 bytes; the sidecar adds ".json", and a margin keeps
 # keys comfortable for the paths and URLs they end up in.

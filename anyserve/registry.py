@@ -32,12 +32,19 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyserve.capability import capability_text, format_query, value_text
+from anyserve.defaults import MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT
 from anyserve.errors import (
     AnyServeError,
     BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    NoHealthyReplica,
     NoMatchingCapability,
-    RateLimited,
-    Unavailable,
+    Overloaded,
+    RegistryFull,
+    TooManyRegistrations,
 )
 
 __all__ = [
@@ -54,7 +61,6 @@ __all__ = [
     "RegistryFull",
     "ReplicaRecord",
     "ReplicaStats",
-    "Saturated",
     "TooManyRegistrations",
     "Waiter",
     "capability_text",
@@ -75,12 +81,6 @@ _TOMBSTONES = 4096
 # Printable ASCII except space, ',' and '='.
 _ID_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - {",", "="}
 
-#: A replica's ``max_in_flight`` when its registration does not say: replica.py's default
-#: for ``--max-in-flight``. Enough concurrency to keep a model busy, few enough that excess
-#: requests wait in the API server's queue, where they can be shed, not inside the replica.
-DEFAULT_MAX_IN_FLIGHT = 8
-#: The largest ``max_in_flight`` a registration may claim; beyond it the limit means nothing.
-MAX_IN_FLIGHT_LIMIT = 4096
 #: Passive ejection: a replica that fails a connection is out of rotation for this long,
 #: doubled for each further failure in a row, up to ``EJECT_MAX`` (the shape of Envoy's outlier
 #: detection). 1 s is short enough for a replica restarted on the same port to be back at
@@ -113,58 +113,6 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _KEY_CHARS = frozenset(map(chr, range(0x21, 0x7F)))
 # Control characters (C0, DEL, C1) would forge lines in logs and terminals.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-class Conflict(AnyServeError):
-    """Another process owns this replica id (a different ``instance``)."""
-
-    status = 409
-
-
-class Gone(AnyServeError):
-    """A heartbeat from a replica process that was explicitly unregistered."""
-
-    status = 410
-
-
-class Forbidden(AnyServeError):
-    """A registration the API server's policy does not allow (a non-loopback endpoint
-    without a token)."""
-
-    status = 403
-
-
-class RegistryFull(AnyServeError):
-    """The registry holds its maximum number of replicas."""
-
-    status = 507
-
-
-class TooManyRegistrations(RateLimited):
-    """A client registers faster than its token bucket allows."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        #: Seconds until the client may try again (the ``Retry-After`` header).
-        self.retry_after = retry_after
-
-
-class Overloaded(Unavailable):
-    """Every usable replica is at its limit and the queue is full, or the wait ran out."""
-
-    #: Seconds a client should wait before retrying (the ``Retry-After`` header).
-    retry_after: float = 1.0
-
-
-class Saturated(Overloaded):
-    """Raised by :meth:`Registry.choose` when every usable replica is at its limit: the
-    caller may wait for a slot (:meth:`Registry.enqueue`) or answer 503 as it is."""
-
-
-class NoHealthyReplica(Unavailable):
-    """Replicas match, but every one of them is ejected or failing its health checks."""
-
-    retry_after: float = 1.0
 
 
 def parse_endpoint(endpoint: Any) -> tuple[str, int]:
@@ -231,24 +179,6 @@ def _loopback_address(text: str) -> bool:
         return False  # a host name: where it points is not known without resolving it
     mapped = getattr(address, "ipv4_mapped", None)
     return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
-def value_text(value: Any) -> str:
-    """A capability value as the text it is compared by (``True`` → ``"true"``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def format_query(query: Mapping[str, str]) -> str:
-    """``{"type": "chat", "model": "demo"}`` → ``"type=chat model=demo"``."""
-    return " ".join(f"{k}={v}" for k, v in query.items())
-
-
-def capability_text(attrs: Mapping[str, Any], stream: bool = False) -> str:
-    """How a capability is shown in messages and tables: ``type=chat model=demo``."""
-    text = format_query({k: value_text(v) for k, v in attrs.items()})
-    return f"{text} (stream)" if stream else text
 
 
 @dataclass(frozen=True)
@@ -419,7 +349,7 @@ class ReplicaRecord:
     renewed: float  # ``clock`` time of the last registration or heartbeat; the lease runs from it
     stats: ReplicaStats = field(default_factory=ReplicaStats)
     #: Requests the API server may have in flight on it at once (from its registration).
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_in_flight: int = MAX_IN_FLIGHT
     #: False while it fails the API server's health checks; out of rotation meanwhile.
     healthy: bool = True
     #: ``clock`` time of the first failed check in the current run of failures.
@@ -758,7 +688,7 @@ class Registry:
 
         When a replica has several matching capabilities the most specific one (fewest
         attributes, then declaration order) is the one its handler is chosen by. Health
-        and load are not considered here; :meth:`choose` does.
+        and load are not considered here; :meth:`try_acquire` does.
         """
         excluded = set(exclude)
         found = []
@@ -770,36 +700,15 @@ class Registry:
                 found.append((record, capability))
         return found
 
-    def choose(
-        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
-    ) -> Choice:
-        """Pick the least-loaded usable matching replica below its limit, ties in turn.
-
-        Raises :class:`NoMatchingCapability` (404) with a message listing what exists,
-        :class:`NoHealthyReplica` (503) when every match is ejected or unhealthy, and
-        :class:`Saturated` (503) when every usable match is at its ``max_in_flight``.
-        """
-        picked = self._pick(query, stream, exclude)
-        if isinstance(picked, Choice):
-            return picked
-        raise self._why_busy(query, stream, picked, self._clock())
-
-    def acquire(
-        self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
-    ) -> Choice:
-        """:meth:`choose`, and count the request in flight on the chosen replica."""
-        choice = self.choose(query, stream, exclude)
-        self.begin(choice)
-        return choice
-
     def try_acquire(
         self, query: Mapping[str, str], stream: bool = False, exclude: Collection[str] = ()
     ) -> Choice | None:
-        """:meth:`acquire`, but None where it would raise :class:`Saturated`.
+        """Pick the least-loaded usable matching replica below its limit (ties in turn) and
+        count the request in flight on it; None when every usable match is at its
+        ``max_in_flight``: the caller then waits for a slot (:meth:`enqueue`).
 
-        For a caller that then waits for a slot (:meth:`enqueue`): under load that is
-        every other request, and the 503 it would not send cost an exception with its
-        message made each time.
+        Raises :class:`NoMatchingCapability` (404) with a message listing what exists, and
+        :class:`NoHealthyReplica` (503) when every match is ejected or unhealthy.
         """
         picked = self._pick(query, stream, exclude)
         if isinstance(picked, Choice):
@@ -808,12 +717,12 @@ class Registry:
         now = self._clock()
         if any(r.usable(now) for r, _ in picked):
             return None
-        raise self._why_busy(query, stream, picked, now)
+        raise self._unavailable(query, stream, picked, now)
 
     def _pick(
         self, query: Mapping[str, str], stream: bool, exclude: Collection[str]
     ) -> Choice | list[tuple[ReplicaRecord, Capability]]:
-        """:meth:`choose`'s pick, or every match when none of them can take a request."""
+        """:meth:`try_acquire`'s pick, or every match when none of them can take a request."""
         found = self.candidates(query, stream, exclude)
         if not found:
             raise NoMatchingCapability(self.describe_miss(query, stream, exclude))
@@ -984,21 +893,15 @@ class Registry:
                 record.stats.release(capability)
                 self._in_flight -= 1
 
-    def _why_busy(
+    def _unavailable(
         self,
         query: Mapping[str, str],
         stream: bool,
         found: list[tuple[ReplicaRecord, Capability]],
         now: float,
     ) -> AnyServeError:
-        """The error for matches none of which can take a request now."""
+        """The error for matches none of which is usable (ejected or failing health checks)."""
         kind = "streaming " if stream else ""
-        if any(r.usable(now) for r, _ in found):
-            limits = ", ".join(f"{r.replica_id}={r.max_in_flight}" for r, _ in found)
-            return Saturated(
-                f"every replica serving {kind}{format_query(query)} is at its limit of "
-                f"requests in flight ({limits}); retry later, or add replicas"
-            )
         reasons = []
         for record, _ in found:
             if not record.healthy:
@@ -1125,7 +1028,7 @@ class Registry:
             not isinstance(instance, str) or not 0 < len(instance) <= _ID_MAX
         ):
             raise BadRequest(f"'instance' must be a non-empty string, got {_shorten(instance)}")
-        max_in_flight = body.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        max_in_flight = body.get("max_in_flight", MAX_IN_FLIGHT)
         if (
             isinstance(max_in_flight, bool)
             or not isinstance(max_in_flight, int)

@@ -47,29 +47,32 @@ import grpc
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
-from anyserve.app import AnyServe, Handler, as_text
+from anyserve.app import AnyServe, Handler
+from anyserve.capability import headers_for, value_text
 from anyserve.context import Context, Stream, StreamClosed
+from anyserve.defaults import (
+    AUTH_MODE,
+    AUTH_MODES,
+    MAX_DELEGATION_DEPTH,
+    MAX_IN_FLIGHT,
+    MAX_MESSAGE_BYTES,
+    OBJECT_STORE_PATH,
+)
 from anyserve.errors import (
     AnyServeError,
-    BadRequest,
+    AppLoadError,
     ConfigError,
-    DeadlineExceeded,
     DelegationLoop,
     HandlerError,
     NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    Unauthorized,
     Unavailable,
+    grpc_code,
 )
-from anyserve.topology import AUTH_MODES
 
 log = logging.getLogger("anyserve.replica")
 
-MAX_DELEGATION_DEPTH = 3
 #: Seconds between registration attempts while the API server cannot be reached.
 UNREACHABLE_RETRY = 0.25
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,16 +83,18 @@ class ReplicaConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_server: str | None = None
-    object_store: Path | None = Path("/tmp/anyserve-objects")
+    object_store: Path | None = Path(OBJECT_STORE_PATH)
     replica_id: str | None = None
     allow_pickle: bool = False
     grace: float = 10.0
     workers: int = field(default_factory=lambda: min(32, (os.cpu_count() or 1) + 4))
     #: Requests the API server may have in flight on this replica at once (advertised).
-    max_in_flight: int = 8
+    max_in_flight: int = MAX_IN_FLIGHT
+    #: The gRPC message limit both ways: the API server's body limit plus framing slack.
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
     #: The API server's ``--auth`` mode, which this replica's port follows (module docs).
-    auth: str = field(default_factory=lambda: os.environ.get("ANYSERVE_AUTH") or "writes")
+    auth: str = field(default_factory=lambda: os.environ.get("ANYSERVE_AUTH") or AUTH_MODE)
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -97,10 +102,6 @@ class ReplicaConfig:
                 f"replica auth mode {self.auth!r} (ANYSERVE_AUTH): expected one of "
                 f"{', '.join(AUTH_MODES)}"
             )
-
-
-class AppLoadError(AnyServeError):
-    """The app reference cannot be imported or is not an AnyServe app."""
 
 
 def load_app(ref: str) -> AnyServe:
@@ -130,27 +131,6 @@ def load_app(ref: str) -> AnyServe:
     if not obj.handlers:
         raise AppLoadError(f"{ref} declares no capabilities (use @app.capability(...))")
     return obj
-
-
-# gRPC status for each error class, and the reverse for errors coming back from the API server.
-_GRPC_CODE: list[tuple[type[AnyServeError], grpc.StatusCode]] = [
-    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (Unauthorized, grpc.StatusCode.UNAUTHENTICATED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (DelegationLoop, grpc.StatusCode.FAILED_PRECONDITION),
-    (HandlerError, grpc.StatusCode.UNKNOWN),
-]
-
-
-def grpc_code(exc: AnyServeError) -> grpc.StatusCode:
-    for cls, code in _GRPC_CODE:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 #: RPCs open even with ``auth = "all"``: health probes carry no credentials.
@@ -227,8 +207,7 @@ class Delegator:
             headers["X-Delegated-From"] = ",".join(visited)
         if timeout is not None:
             headers["X-Request-Timeout"] = str(timeout)
-        for key, value in query.items():
-            headers["X-Capability-" + "-".join(p.capitalize() for p in key.split("_"))] = value
+        headers.update(headers_for(query))
         return headers
 
     @staticmethod
@@ -524,7 +503,7 @@ class Replica:
             if cached is not None:
                 return cached
             try:
-                query = {str(k): as_text(v) for k, v in json.loads(raw).items()}
+                query = {str(k): value_text(v) for k, v in json.loads(raw).items()}
             except (ValueError, AttributeError):
                 query = {}
             if query:
@@ -616,7 +595,7 @@ class Replica:
             raise AnyServeError(message)
         if request.raw_input_contents:
             # Triton's clients send raw tensors and read raw outputs back (as Triton answers).
-            from anyserve.kserve import with_raw_outputs
+            from anyserve.v2codec import with_raw_outputs
 
             response = with_raw_outputs(response)
         log.info(
@@ -661,7 +640,7 @@ class Replica:
         try:
             async for message in stream.messages():
                 if raw and message.HasField("infer_response"):
-                    from anyserve.kserve import with_raw_outputs
+                    from anyserve.v2codec import with_raw_outputs
 
                     message.infer_response.CopyFrom(with_raw_outputs(message.infer_response))
                 yield message
@@ -777,8 +756,8 @@ class Replica:
     async def serve(self) -> None:
         options = [
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         server = grpc.aio.server(options=options)
         add_servicer(
@@ -838,9 +817,9 @@ def _name_model(request: pb.ModelInferRequest, handler: Handler) -> None:
     (model name = ``type``, version = ``model``), so replies built from it say who answered."""
     if not request.model_name:
         attrs = handler.capability.attrs
-        request.model_name = as_text(attrs.get("type", ""))
+        request.model_name = value_text(attrs.get("type", ""))
         if not request.model_version and "model" in attrs:
-            request.model_version = as_text(attrs["model"])
+            request.model_version = value_text(attrs["model"])
 
 
 def _retry_after(value: str | None, default: float) -> float:

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from anyserve.defaults import AUTH_MODE, AUTH_MODES, MAX_IN_FLIGHT, OBJECT_STORE_PATH
 from anyserve.errors import BadRequest, ConfigError
+from anyserve.registry import is_loopback
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,7 +61,7 @@ class ApiServerSpec:
     token_off: bool = False
     """``token = false``: run without a token even on a non-loopback address (with
     ``up --insecure`` only)."""
-    auth: str = "writes"
+    auth: str = AUTH_MODE
     """What the token guards: ``writes`` (registration, object writes) or ``all`` routes."""
     grpc_port: int | None = None
     """``grpc_port = 8081``: also serve KServe v2 gRPC (the ingress) on this port."""
@@ -82,7 +84,7 @@ class ApiServerSpec:
 class ObjectsSpec:
     """``[objects]``: the shared object store directory and its time to live."""
 
-    path: Path = Path("/tmp/anyserve-objects")
+    path: Path = Path(OBJECT_STORE_PATH)
     ttl: float | None = None
     allow_pickle: bool = False
 
@@ -100,7 +102,7 @@ class GroupSpec:
     watch: tuple[Path, ...] = ()
     restart: str = "always"
     drain_timeout: float = 10.0
-    max_in_flight: int = 8
+    max_in_flight: int = MAX_IN_FLIGHT
     """Requests the API server may send one replica at once (it queues the rest)."""
     stuck_timeout: float | None = 5.0
     """A replica that does not answer ``ServerReady`` for this long is killed and restarted
@@ -143,7 +145,6 @@ class Topology:
 
 _TOP_KEYS = ("api_server", "objects", "replicas")
 _API_KEYS = ("host", "port", "lease_ttl", "heartbeat_interval", "token", "auth", "grpc_port")
-AUTH_MODES = ("writes", "all")
 _OBJECT_KEYS = ("path", "ttl", "allow_pickle")
 _GROUP_KEYS = (
     "app",
@@ -325,18 +326,6 @@ def _group(ctx: _Context, name: str, table: dict[str, Any]) -> GroupSpec:
         max_in_flight=max_in_flight,
         stuck_timeout=stuck or None,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine can reach: 127.0.0.0/8, ::1, localhost."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def module_file(root: Path, module: str) -> Path | None:

@@ -6,13 +6,14 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from anyserve.client import sse_data
+from anyserve.registry import Choice, Registry
 
 from .conftest import ApiServer, Replica
 
@@ -111,3 +112,22 @@ def registration(
         "instance": f"i-{replica_id}",
         **extra,
     }
+
+
+def take(
+    registry: Registry, query: Mapping[str, str], stream: bool = False, exclude: Iterable[str] = ()
+) -> Choice:
+    """The request path's ``try_acquire``, for a test that expects a free slot: the choice,
+    counted in flight."""
+    choice = registry.try_acquire(query, stream, tuple(exclude))
+    assert choice is not None, f"every replica serving {query} is at its limit"
+    return choice
+
+
+def pick(
+    registry: Registry, query: Mapping[str, str], stream: bool = False, exclude: Iterable[str] = ()
+) -> Choice:
+    """Which replica the request path would choose, without keeping its slot."""
+    choice = take(registry, query, stream, exclude)
+    registry.release(choice)
+    return choice

@@ -16,6 +16,8 @@ import pytest
 from anyserve.api_server import ApiServerConfig, create_app, parse_size
 from anyserve.registry import Registry
 
+from .reliability import pick
+
 
 class BrokenRegistry(Registry):
     """A registry with a bug in it, to see what a client gets from an unexpected error."""
@@ -82,7 +84,7 @@ def test_metrics_text() -> None:
     registry.register(
         {"replica_id": "a", "endpoint": "127.0.0.1:1", "capabilities": [{"type": "x"}]}
     )
-    choice = registry.choose({"type": "x"})
+    choice = pick(registry, {"type": "x"})
     registry.begin(choice)
     registry.finish(choice, 12.5, ok=False)
     text = request(registry, "GET", "/metrics").text

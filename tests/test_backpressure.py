@@ -18,10 +18,10 @@ import psutil
 import pytest
 
 from anyserve.errors import BadRequest
-from anyserve.registry import Choice, Overloaded, Registry, Saturated
+from anyserve.registry import Choice, Overloaded, Registry
 
 from .conftest import ApiServer, Procs, start_api_server, start_replica, wait_until
-from .reliability import REL_APP, FakeClock, call, registration, release, text_body
+from .reliability import REL_APP, FakeClock, call, registration, release, take, text_body
 
 # ---------------------------------------------------------------------- the registry's queue
 
@@ -53,18 +53,18 @@ def make_registry(clock: FakeClock, max_queue: int = 64, **replicas: int) -> Reg
 
 def test_a_replica_takes_at_most_its_max_in_flight(clock: FakeClock) -> None:
     registry = make_registry(clock, a=2)
-    first, second = registry.acquire({"type": "chat"}), registry.acquire({"type": "chat"})
-    with pytest.raises(Saturated, match="a=2"):
-        registry.acquire({"type": "chat"})
+    first, second = take(registry, {"type": "chat"}), take(registry, {"type": "chat"})
+    # Full: the request path waits for a slot (no 503 is made for it).
+    assert registry.try_acquire({"type": "chat"}) is None
     registry.finish(first, 1.0, ok=True)
-    assert registry.acquire({"type": "chat"}).replica_id == "a"
+    assert take(registry, {"type": "chat"}).replica_id == "a"
     assert {e["replica_id"]: e["max_in_flight"] for e in registry.snapshot()} == {"a": 2}
     del second
 
 
 def test_waiters_get_freed_slots_in_order(clock: FakeClock) -> None:
     registry = make_registry(clock, a=1)
-    running = registry.acquire({"type": "chat"})
+    running = take(registry, {"type": "chat"})
     inboxes = [Inbox() for _ in range(3)]
     for inbox in inboxes:
         registry.enqueue({"type": "chat"}, False, [], inbox)
@@ -75,14 +75,13 @@ def test_waiters_get_freed_slots_in_order(clock: FakeClock) -> None:
         running = inboxes[turn].got[0]
         assert running.replica_id == "a"
     # A delivered slot is taken: nothing else fits until it is given back.
-    with pytest.raises(Saturated):
-        registry.choose({"type": "chat"})
+    assert registry.try_acquire({"type": "chat"}) is None
     assert registry.waiting == 0
 
 
 def test_the_queue_is_bounded_per_query(clock: FakeClock) -> None:
     registry = make_registry(clock, max_queue=2, a=1)
-    registry.acquire({"type": "chat"})
+    take(registry, {"type": "chat"})
     for _ in range(2):
         registry.enqueue({"type": "chat"}, False, [], Inbox())
     with pytest.raises(Overloaded, match="2 requests are already waiting") as caught:
@@ -95,7 +94,7 @@ def test_the_queue_is_bounded_per_query(clock: FakeClock) -> None:
 
 def test_a_waiter_that_left_is_skipped(clock: FakeClock) -> None:
     registry = make_registry(clock, a=1)
-    running = registry.acquire({"type": "chat"})
+    running = take(registry, {"type": "chat"})
     gone, declines, stays = Inbox(), Inbox(accept=False), Inbox()
     waiter = registry.enqueue({"type": "chat"}, False, [], gone)
     registry.enqueue({"type": "chat"}, False, [], declines)
@@ -109,7 +108,7 @@ def test_a_waiter_that_left_is_skipped(clock: FakeClock) -> None:
 
 def test_a_waiter_is_not_handed_a_replica_it_excludes(clock: FakeClock) -> None:
     registry = make_registry(clock, a=1, b=1)
-    on_a, on_b = registry.acquire({"type": "chat"}), registry.acquire({"type": "chat"})
+    on_a, on_b = take(registry, {"type": "chat"}), take(registry, {"type": "chat"})
     assert {on_a.replica_id, on_b.replica_id} == {"a", "b"}
     if on_a.replica_id != "a":
         on_a, on_b = on_b, on_a
@@ -124,7 +123,7 @@ def test_a_waiter_is_not_handed_a_replica_it_excludes(clock: FakeClock) -> None:
 
 def test_new_and_recovered_replicas_serve_the_queue(clock: FakeClock) -> None:
     registry = make_registry(clock, a=1)
-    running = registry.acquire({"type": "chat"})
+    running = take(registry, {"type": "chat"})
     first, second, third = Inbox(), Inbox(), Inbox()
     for inbox in (first, second, third):
         registry.enqueue({"type": "chat"}, False, [], inbox)

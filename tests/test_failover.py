@@ -30,9 +30,11 @@ from .reliability import (
     call,
     events,
     output,
+    pick,
     registration,
     state,
     stopped,
+    take,
     text_body,
 )
 
@@ -62,9 +64,9 @@ def test_ejection_takes_a_replica_out_for_a_growing_period(
         period = registry.eject(a, "Socket closed")
         assert period is not None
         periods.append(period)
-        assert {registry.choose({"type": "chat"}).replica_id for _ in range(6)} == {"b", "c", "d"}
+        assert {pick(registry, {"type": "chat"}).replica_id for _ in range(6)} == {"b", "c", "d"}
         clock.advance(period)  # re-admitted once the period is over
-        assert "a" in {registry.choose({"type": "chat"}).replica_id for _ in range(8)}
+        assert "a" in {pick(registry, {"type": "chat"}).replica_id for _ in range(8)}
     assert periods == [1.0, 2.0, 4.0, 8.0, 16.0, EJECT_MAX, EJECT_MAX, EJECT_MAX]
 
 
@@ -77,7 +79,7 @@ def test_a_successful_request_resets_the_ejection_period(
     clock.advance(1.0)
     assert registry.eject(a, "x") == 2.0
     clock.advance(2.0)
-    choice = registry.acquire({"type": "chat"}, exclude=["b", "c", "d"])
+    choice = take(registry, {"type": "chat"}, exclude=["b", "c", "d"])
     registry.finish(choice, 1.0, ok=True)
     assert registry.eject(a, "x") == 1.0
 
@@ -102,7 +104,7 @@ def test_a_single_replica_is_never_ejected(clock: FakeClock) -> None:
     registry = Registry(clock=clock, wall=clock)
     record = registry.register(registration("only"))
     assert registry.eject(record, "x") is None
-    assert registry.choose({"type": "chat"}).replica_id == "only"
+    assert pick(registry, {"type": "chat"}).replica_id == "only"
 
 
 def test_health_checks_take_replicas_out_and_bring_them_back(
@@ -113,7 +115,7 @@ def test_health_checks_take_replicas_out_and_bring_them_back(
         record = records[rid]
         assert record is not None
         assert registry.set_health(record, False, "no answer to ServerReady within 0.5s")
-    assert {registry.choose({"type": "chat"}).replica_id for _ in range(4)} == {"d"}
+    assert {pick(registry, {"type": "chat"}).replica_id for _ in range(4)} == {"d"}
     clock.advance(2.5)
     a = records["a"]
     assert a is not None
@@ -127,9 +129,9 @@ def test_health_checks_take_replicas_out_and_bring_them_back(
     # Health checks are the truth: a stuck replica is out even if it was the last one.
     registry.set_health(d, False, "stopped")
     with pytest.raises(NoHealthyReplica, match="d fails health checks"):
-        registry.choose({"type": "chat"})
+        pick(registry, {"type": "chat"})
     assert registry.set_health(d, True, since=clock())
-    assert registry.choose({"type": "chat"}).replica_id == "d"
+    assert pick(registry, {"type": "chat"}).replica_id == "d"
 
 
 def test_a_passing_health_check_ends_an_ejection_it_postdates(
@@ -166,7 +168,7 @@ def test_only_transport_failures_are_retried_and_within_the_budget(clock: FakeCl
     for rid in ("a", "b", "c"):
         registry.register(registration(rid))
     gateway = Gateway(ApiServerConfig(), registry)
-    choice = registry.acquire({"type": "chat"})
+    choice = take(registry, {"type": "chat"})
     exclude: list[str] = []
     # The replica's own UNAVAILABLE (its handler said so) is its answer, not a lost connection.
     assert not gateway._retry(

@@ -23,8 +23,8 @@ import pytest
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.api_server import ApiServerConfig
-from anyserve.errors import ConfigError, Unauthorized
-from anyserve.ingress import HTTP_EQUIVALENT, TokenCheck, trailing_metadata
+from anyserve.errors import ConfigError, Unauthorized, trailing_metadata
+from anyserve.ingress import HTTP_EQUIVALENT, TokenCheck
 from anyserve.registry import NoHealthyReplica, Overloaded, TooManyRegistrations
 from anyserve.topology import Topology, loads
 

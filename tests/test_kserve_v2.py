@@ -175,11 +175,11 @@ def test_v2_errors_keep_their_headers() -> None:
 
 
 def test_v2_infer_beyond_the_limit_and_the_queue_is_503_with_retry_after() -> None:
-    from .reliability import registration
+    from .reliability import registration, take
 
     registry = Registry(max_queue=0)
     registry.register(registration("busy", max_in_flight=1))
-    registry.acquire({"type": "chat"})  # its only slot is taken
+    take(registry, {"type": "chat"})  # its only slot is taken
     (shed,) = _asgi(create_app(ApiServerConfig(), registry), ("POST", "/v2/models/chat/infer"))
     assert shed.status_code == 503
     assert shed.headers["Retry-After"] == "1"
@@ -867,3 +867,24 @@ def test_encode_response_of_any_tensor_is_a_reply_or_a_handler_error(
         encode_response(response, wanted, "m", "", "")
     except AnyServeError as exc:
         assert exc.status == 500, exc.message
+
+
+def test_the_decompressed_body_limit_follows_max_body_size() -> None:
+    # 80 KiB of spaces: over a 1 KiB server's limit (plus the message slack) once inflated,
+    # well within the default one, where the empty JSON is then the complaint.
+    body = gzip.compress(b" " * 80 * 1024)
+
+    async def post(config: ApiServerConfig) -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(config))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return await client.post(
+                "/v2/models/chat/infer",
+                content=body,
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            )
+
+    small = asyncio.run(post(ApiServerConfig(max_body_size=1024)))
+    assert small.status_code == 413
+    assert f"over {1024 + 64 * 1024} bytes" in small.json()["error"]
+    default = asyncio.run(post(ApiServerConfig()))
+    assert default.status_code == 400, default.text

@@ -13,6 +13,7 @@ from anyserve.api_server import ApiServerConfig, create_app
 from anyserve.registry import LATENCY_BUCKETS, Registry
 
 from .conftest import ApiServer, Procs, start_cluster
+from .reliability import pick
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -53,12 +54,12 @@ def test_metrics_from_the_registry_counters() -> None:
             "capabilities": [{"type": "x", "model": "m"}, {"type": "x", "stream": True}],
         }
     )
-    unary = registry.choose({"type": "x", "model": "m"})
+    unary = pick(registry, {"type": "x", "model": "m"})
     for latency_ms, ok in ((3.0, True), (40.0, True), (2000.0, False)):
         registry.begin(unary)
         registry.finish(unary, latency_ms, ok)
     registry.begin(unary)  # still running
-    stream = registry.choose({"type": "x"}, stream=True)
+    stream = pick(registry, {"type": "x"}, stream=True)
     registry.begin(stream)
     registry.finish(stream, 7.0, True)
 
@@ -99,7 +100,7 @@ def test_label_values_are_escaped() -> None:
             "capabilities": [{"type": 'say "hi"\\now'}],
         }
     )
-    choice = registry.choose({"type": 'say "hi"\\now'})
+    choice = pick(registry, {"type": 'say "hi"\\now'})
     registry.begin(choice)
     registry.finish(choice, 1.0, True)
     text = scrape_app(registry)

@@ -13,6 +13,8 @@ import pytest
 from anyserve.errors import BadRequest, NoMatchingCapability
 from anyserve.registry import Capability, Conflict, Forbidden, Gone, Registry, value_text
 
+from .reliability import pick
+
 
 class FakeClock:
     """A clock that only moves when told to."""
@@ -143,7 +145,7 @@ def test_lease_expires_without_heartbeat(registry: Registry, clock: FakeClock) -
     assert gone.replica_id == "r1"
     assert registry.expire() == []
     with pytest.raises(NoMatchingCapability):
-        registry.choose({"type": "chat"})
+        pick(registry, {"type": "chat"})
 
 
 def test_heartbeat_renews_the_lease(registry: Registry, clock: FakeClock) -> None:
@@ -161,7 +163,7 @@ def test_heartbeat_for_unknown_id_registers(registry: Registry) -> None:
     record, registered = registry.heartbeat(body(replica_id="new"))
     assert registered
     assert record.replica_id == "new"
-    assert registry.choose({"type": "chat"}).replica_id == "new"
+    assert pick(registry, {"type": "chat"}).replica_id == "new"
 
 
 def test_heartbeat_after_expiry_registers_again(registry: Registry, clock: FakeClock) -> None:
@@ -295,27 +297,27 @@ def test_stream_and_unary_are_separate(registry: Registry) -> None:
     registry.register(body("unary", capabilities=[{"type": "chat"}]))
     registry.register(body("streamer", capabilities=[{"type": "chat", "stream": True}]))
     for _ in range(5):
-        assert registry.choose({"type": "chat"}, stream=False).replica_id == "unary"
-        assert registry.choose({"type": "chat"}, stream=True).replica_id == "streamer"
+        assert pick(registry, {"type": "chat"}, stream=False).replica_id == "unary"
+        assert pick(registry, {"type": "chat"}, stream=True).replica_id == "streamer"
 
 
 def test_most_specific_capability_is_chosen(registry: Registry) -> None:
     caps = [{"type": "chat", "model": "with-embedding"}, {"type": "chat"}]
     registry.register(body(capabilities=caps))
-    assert registry.choose({"type": "chat"}).capability.attrs == {"type": "chat"}
-    choice = registry.choose({"type": "chat", "model": "with-embedding"})
+    assert pick(registry, {"type": "chat"}).capability.attrs == {"type": "chat"}
+    choice = pick(registry, {"type": "chat", "model": "with-embedding"})
     assert choice.capability.attrs == caps[0]
 
 
 def test_least_in_flight_wins(registry: Registry) -> None:
     for rid in ("a", "b", "c"):
         registry.register(body(rid))
-    busy = registry.choose({"type": "chat"})
+    busy = pick(registry, {"type": "chat"})
     registry.begin(busy)
     registry.begin(busy)
-    second = registry.choose({"type": "chat"})
+    second = pick(registry, {"type": "chat"})
     registry.begin(second)
-    third = registry.choose({"type": "chat"})
+    third = pick(registry, {"type": "chat"})
     assert len({busy.replica_id, second.replica_id, third.replica_id}) == 3
     assert dict(third.candidates) == {busy.replica_id: 2, second.replica_id: 1, third.replica_id: 0}
     registry.finish(busy, 12.0, ok=True)
@@ -330,7 +332,7 @@ def test_least_in_flight_wins(registry: Registry) -> None:
 def test_ties_are_broken_fairly(registry: Registry) -> None:
     for rid in ("a", "b", "c"):
         registry.register(body(rid))
-    picks = Counter(registry.choose({"type": "chat"}).replica_id for _ in range(300))
+    picks = Counter(pick(registry, {"type": "chat"}).replica_id for _ in range(300))
     assert picks == {"a": 100, "b": 100, "c": 100}
 
 
@@ -338,9 +340,9 @@ def test_exclusion_list(registry: Registry) -> None:
     registry.register(body("a"))
     registry.register(body("b"))
     for _ in range(4):
-        assert registry.choose({"type": "chat"}, exclude=["a"]).replica_id == "b"
+        assert pick(registry, {"type": "chat"}, exclude=["a"]).replica_id == "b"
     with pytest.raises(NoMatchingCapability) as info:
-        registry.choose({"type": "chat"}, exclude=["a", "b"])
+        pick(registry, {"type": "chat"}, exclude=["a", "b"])
     assert "delegated from (a, b)" in str(info.value)
 
 
@@ -348,7 +350,7 @@ def test_miss_message_lists_what_exists(registry: Registry) -> None:
     registry.register(body("a", capabilities=[{"type": "chat", "model": "demo"}]))
     registry.register(body("b", capabilities=[{"type": "embed"}, {"type": "chat", "stream": True}]))
     with pytest.raises(NoMatchingCapability) as info:
-        registry.choose({"type": "chat2"})
+        pick(registry, {"type": "chat2"})
     assert info.value.status == 404
     assert str(info.value) == (
         "no replica serves type=chat2; registered: "
@@ -359,19 +361,19 @@ def test_miss_message_lists_what_exists(registry: Registry) -> None:
 def test_miss_message_points_to_the_other_route(registry: Registry) -> None:
     registry.register(body("a", capabilities=[{"type": "echo"}]))
     with pytest.raises(NoMatchingCapability) as info:
-        registry.choose({"type": "echo"}, stream=True)
+        pick(registry, {"type": "echo"}, stream=True)
     assert "a unary one matches: use /infer/json or /infer" in str(info.value)
 
 
 def test_miss_message_with_nothing_registered(registry: Registry) -> None:
     with pytest.raises(NoMatchingCapability) as info:
-        registry.choose({"type": "chat"})
+        pick(registry, {"type": "chat"})
     assert "no replicas are registered" in str(info.value)
 
 
 def test_counters_survive_reregistration(registry: Registry) -> None:
     registry.register(body())
-    choice = registry.choose({"type": "chat"})
+    choice = pick(registry, {"type": "chat"})
     registry.begin(choice)
     registry.register(body(endpoint="127.0.0.1:2"))  # the replica restarted
     assert registry.snapshot()[0]["in_flight"] == 1
@@ -382,7 +384,7 @@ def test_counters_survive_reregistration(registry: Registry) -> None:
 
 def test_latency_window_is_bounded(registry: Registry) -> None:
     registry.register(body())
-    choice = registry.choose({"type": "chat"})
+    choice = pick(registry, {"type": "chat"})
     for i in range(5000):
         registry.begin(choice)
         registry.finish(choice, float(i), ok=True)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 
 from anyserve.client import ENV_TOKEN
+from anyserve.defaults import AUTH_MODE
 from anyserve.topology import GroupSpec, Topology
 
 
@@ -42,7 +43,7 @@ def api_server_argv(topology: Topology) -> list[str]:
         argv += ["--lease-ttl", str(api.lease_ttl)]
     if api.heartbeat_interval is not None:
         argv += ["--heartbeat-interval", str(api.heartbeat_interval)]
-    if api.auth != "writes":
+    if api.auth != AUTH_MODE:
         argv += ["--auth", api.auth]
     if api.grpc_port is not None:
         argv += ["--grpc-port", str(api.grpc_port)]

@@ -477,10 +477,15 @@ def test_stream_timeout_ends_with_one_error_line(demo: Demo) -> None:
 
 
 def test_registry_rm_keeps_a_live_replica_out(procs: Procs) -> None:
-    api = start_api_server(procs)
-    start_replica(procs, GROUPS["chat-0"], api_server=api, replica_id="doomed")
-    assert ok("registry", "rm", "doomed", "--api-server", api.url).stdout == "removed doomed\n"
+    # A replica's lease belongs to its process: removing it takes the API server's token.
+    token = {"ANYSERVE_TOKEN": "rm-token"}
+    api = start_api_server(procs, extra=["--token", "rm-token"])
+    start_replica(procs, GROUPS["chat-0"], api_server=api, replica_id="doomed", env=token)
+    refused = run("registry", "rm", "doomed", "--api-server", api.url)
+    assert refused.returncode == 1 and "token" in refused.stderr
+    removed = ok("registry", "rm", "doomed", "--api-server", api.url, env=token)
+    assert removed.stdout == "removed doomed\n"
     time.sleep(1.5)  # three heartbeat intervals: they must not re-register it
-    assert "doomed" not in ok("registry", "ls", "--api-server", api.url).stdout
-    gone = run("call", "-c", "type=chat", "Hello", "--api-server", api.url)
+    assert "doomed" not in ok("registry", "ls", "--api-server", api.url, env=token).stdout
+    gone = run("call", "-c", "type=chat", "Hello", "--api-server", api.url, env=token)
     assert gone.returncode == 1 and gone.stderr.startswith("error: no replica serves")

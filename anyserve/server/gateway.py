@@ -256,6 +256,11 @@ class Gateway:
         self.config = config
         #: The gRPC message limit both ways, from the configured body limit.
         self.max_message = max_message_bytes(config.max_body_size)
+        #: Sent on every call to a replica: a replica whose port follows ``--auth all``
+        #: requires the token (replica.py), and the API server is who it trusts.
+        self.replica_auth: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        )
         if registry is None:  # (an empty registry is falsy: it has a length)
             registry = Registry(
                 config.lease_ttl,
@@ -495,7 +500,9 @@ class Gateway:
                 ok = False
                 try:
                     reply = await stub.ModelInfer(
-                        request, metadata=routing.metadata(choice), timeout=deadline - sent
+                        request,
+                        metadata=routing.metadata(choice, self.replica_auth),
+                        timeout=deadline - sent,
                     )
                     ok = True
                     return reply, choice
@@ -546,7 +553,7 @@ class Gateway:
                 stub = self.channels.stub(choice.endpoint)
                 left = None if timeout is None else deadline - time.perf_counter()
                 call = stub.ModelStreamInfer(
-                    request, metadata=routing.metadata(choice), timeout=left
+                    request, metadata=routing.metadata(choice, self.replica_auth), timeout=left
                 )
                 stream = OpenStream(call, choice, self)
                 stream.last_message = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -71,7 +72,7 @@ async def register(request: Request) -> Response:
     """
     gateway = gateway_of(request)
     gateway.admit_registration(_client(request))
-    record = gateway.registry.register(await _json_body(request))
+    record = gateway.registry.register(await _json_body(request), trusted=_trusted(gateway))
     gateway.channels.retain(gateway.registry.endpoints())
     log.info(
         "registered replica %s at %s: %s",
@@ -88,7 +89,7 @@ async def heartbeat(request: Request) -> Response:
     body = await _json_body(request)
     if not (isinstance(body, dict) and gateway.registry.known(body.get("replica_id"))):
         gateway.admit_registration(_client(request))  # it registers: rate-limited alike
-    record, registered = gateway.registry.heartbeat(body)
+    record, registered = gateway.registry.heartbeat(body, trusted=_trusted(gateway))
     if registered:
         gateway.channels.retain(gateway.registry.endpoints())
         log.info(
@@ -103,7 +104,9 @@ async def unregister(request: Request) -> Response:
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise BadRequest('the body must be a JSON object: {"replica_id": ..., "instance": ...}')
-    record = gateway.registry.unregister(body.get("replica_id"), body.get("instance"))
+    record = gateway.registry.unregister(
+        body.get("replica_id"), body.get("instance"), trusted=_trusted(gateway)
+    )
     if record is None:
         raise NotFound(f"no replica {body.get('replica_id')!r} is registered (see /registry)")
     gateway.channels.retain(gateway.registry.endpoints())
@@ -111,8 +114,26 @@ async def unregister(request: Request) -> Response:
     return json_reply({"success": True, "replica_id": record.replica_id})
 
 
+def _trusted(gateway: Gateway) -> bool:
+    """Whether the caller holds the token: with one configured, the guard let no control
+    request through without it. Registry ownership trusts token holders (Registry docs)."""
+    return bool(gateway.config.token)
+
+
 def _client(request: Request) -> str:
-    return request.client.host if request.client is not None else "unknown"
+    """The registration rate limiter's key for the caller: every loopback address is one
+    client (each of 127.0.0.0/8 would otherwise get a bucket of its own), and an IPv6
+    client is its /64, the block one host is usually given."""
+    host = request.client.host if request.client is not None else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.is_loopback:
+        return "loopback"
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return host
 
 
 def _lease_reply(gateway: Gateway, replica_id: str) -> dict[str, Any]:

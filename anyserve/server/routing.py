@@ -119,7 +119,8 @@ class Routing:
         depth = 0
         if raw_depth is not None:
             raw_depth = raw_depth.strip() or "0"
-            if not raw_depth.isdigit():
+            # isascii: str.isdigit() also accepts "²", which int() then refuses (a 500).
+            if not (raw_depth.isascii() and raw_depth.isdigit() and len(raw_depth) < 10):
                 raise BadRequest(f"X-Delegation-Depth must be a whole number, not {raw_depth!r}")
             depth = int(raw_depth)
         if depth > MAX_DELEGATION_DEPTH:
@@ -138,9 +139,13 @@ class Routing:
             timeout_given=raw_timeout is not None,
         )
 
-    def metadata(self, choice: Choice) -> tuple[tuple[str, str], ...]:
-        """The gRPC metadata of docs/protocol.md for a call to ``choice``."""
+    def metadata(
+        self, choice: Choice, auth: tuple[tuple[str, str], ...] = ()
+    ) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata of docs/protocol.md for a call to ``choice``, plus ``auth``
+        (the API server's own credentials for the replica, when it has a token)."""
         items = [
+            *auth,
             ("x-request-id", self.request_id),
             ("anyserve-capability", choice.capability.metadata),
             ("x-delegation-depth", str(self.depth)),

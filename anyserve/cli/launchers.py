@@ -132,14 +132,14 @@ def up(
 
     topology = load(config)
     if dry_run:
-        from anyserve.supervisor import token_plan
+        from anyserve.up.tokens import token_plan
 
         token, create = token_plan(topology, insecure=insecure)
         _print_topology(topology, token, create)
         return
     import os
 
-    from anyserve.supervisor import run
+    from anyserve.up.run import run
 
     # A dumb terminal cannot redraw in place: fall back to prefixed lines there.
     tui = sys.stdout.isatty() and os.environ.get("TERM") != "dumb" and not no_tui

@@ -70,6 +70,11 @@ MAX_DELEGATION_DEPTH = 3
 #: Seconds between registration attempts while the API server cannot be reached.
 UNREACHABLE_RETRY = 0.25
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+#: The API server's auth mode, which the replica's port follows (set by ``up``).
+ENV_AUTH = "ANYSERVE_AUTH"
+#: The registration's ``instance`` secret, when the supervisor chose it (so that it can
+#: unregister this replica as its owner); read from the environment, never from argv.
+ENV_INSTANCE = "ANYSERVE_INSTANCE"
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,13 @@ class ReplicaConfig:
     max_in_flight: int = 8
     token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
     #: The API server's ``--auth`` mode, which this replica's port follows (module docs).
-    auth: str = field(default_factory=lambda: os.environ.get("ANYSERVE_AUTH") or "writes")
+    auth: str = field(default_factory=lambda: os.environ.get(ENV_AUTH) or "writes")
+    #: The secret that makes this process the owner of its registration (see
+    #: :meth:`Replica.register_and_heartbeat`); a fresh one unless ``up`` chose it.
+    instance: str = field(
+        default_factory=lambda: os.environ.get(ENV_INSTANCE) or secrets.token_hex(16),
+        repr=False,
+    )
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -486,7 +497,7 @@ class Replica:
         self.config = config
         self.app = app
         self.replica_id = config.replica_id or f"replica-{secrets.token_hex(4)}"
-        self.instance = secrets.token_hex(8)
+        self.instance = config.instance
         self.ready = False
         self.endpoint = ""
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="handler")

@@ -405,15 +405,22 @@ class Supervisor:
         if proc.kind is Kind.API:
             argv = launch.api_server_argv(topo)
             env = launch.child_env(os.environ, self.token)
-            proc.replica_id = None
+            proc.replica_id = proc.instance = None
         else:
             group = topo.group(proc.group)
             if port is None:
                 port = group.port_for(proc.slot) or free_port(group.host)
             proc.port = port
             proc.replica_id = launch.new_replica_id(group, proc.slot)
+            proc.instance = launch.new_instance()
             argv = launch.replica_argv(topo, group, port, proc.replica_id)
-            env = launch.child_env(os.environ, self.token, group.env_dict)
+            env = launch.child_env(
+                os.environ,
+                self.token,
+                group.env_dict,
+                auth=topo.api_server.auth,
+                instance=proc.instance,
+            )
         if proc.started_at is not None and proc.role is Role.SERVE:
             proc.restarts += 1
         proc.retry_at = None
@@ -578,7 +585,8 @@ class Supervisor:
             reply = self.http.request(
                 "DELETE",
                 self.topology.api_server.url + "/unregister",
-                json={"replica_id": proc.replica_id},
+                # As the lease's owner: no token needed for the registry to accept it.
+                json={"replica_id": proc.replica_id, "instance": proc.instance},
             )
             if reply.status_code not in (200, 404):
                 self.say(

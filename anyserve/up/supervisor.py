@@ -281,13 +281,13 @@ class Supervisor:
         if self.create_token:
             path = self.topology.state_dir / TOKEN_FILE
             self.say(
-                f"the API server listens on {api.host}: registration and object writes need "
-                f"the token in {path} (clients: export {ENV_TOKEN}=$(cat {path}))"
+                f"registration and object writes need the token in {path} (client commands "
+                f"run in {self.topology.root} read it; elsewhere: export {ENV_TOKEN}=$(cat {path}))"
             )
         elif self.token is None and not api.loopback:
             self.say(
-                f"--insecure: the API server listens on {api.host} without a token; anyone "
-                "who can reach it may register replicas and write objects",
+                f"token = false, --insecure: the API server listens on {api.host} without a "
+                "token; anyone who can reach it may register replicas and write objects",
                 kind=EventKind.ERROR,
             )
 

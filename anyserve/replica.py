@@ -29,6 +29,7 @@ import hmac
 import importlib
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -490,6 +491,30 @@ def add_servicer(servicer: InferenceServicer, server: Any, gate: TokenGate) -> N
     )
 
 
+#: Bounds a ``heartbeat_interval`` from the API server is clamped to, in seconds: a
+#: shorter one would spin, a longer one would let the lease run out unnoticed.
+HEARTBEAT_BOUNDS = (0.05, 3600.0)
+
+
+def _lease_reply(reply: Any, interval: float) -> tuple[Mapping[str, Any], float, str]:
+    """``(body, interval, problem)`` of a 200 to /register or /heartbeat: the JSON object
+    (else empty), the interval it asks for (else ``interval``), and what was wrong, if
+    anything, said for a log line."""
+    try:
+        body = reply.json()
+    except ValueError:  # not JSON, or not UTF-8
+        return {}, interval, f"with a body that is not JSON ({reply.text[:100]!r})"
+    if not isinstance(body, dict):
+        return {}, interval, f"with JSON that is not an object ({type(body).__name__})"
+    asked = body.get("heartbeat_interval")
+    if asked is None:
+        return body, interval, ""
+    if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not 0 < asked < math.inf:
+        return body, interval, f"with heartbeat_interval {str(asked)[:50]!r}, not seconds"
+    low, high = HEARTBEAT_BOUNDS
+    return body, min(max(float(asked), low), high), ""
+
+
 class Replica:
     """One app served over gRPC, plus its registration with the API server."""
 
@@ -745,8 +770,11 @@ class Replica:
             else:
                 status = reply.status_code
                 if status == 200:
-                    body = reply.json()
-                    interval = float(body.get("heartbeat_interval", interval) or interval)
+                    # A 200 is a lease, whatever its body: keep heartbeating and unregister
+                    # at shutdown even if the body cannot be read (a proxy's page, a bug).
+                    body, interval, problem = _lease_reply(reply, interval)
+                    if problem:
+                        problem = f"API server answered 200 {problem}; heartbeating on"
                     if not self._registered or body.get("registered"):
                         log.info("registered %s at %s as %s", self.endpoint, url, self.replica_id)
                     self._registered = True

@@ -29,6 +29,7 @@ import hmac
 import importlib
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -73,6 +74,11 @@ log = logging.getLogger("anyserve.replica")
 
 #: Seconds between registration attempts while the API server cannot be reached.
 UNREACHABLE_RETRY = 0.25
+#: The API server's auth mode, which the replica's port follows (set by ``up``).
+ENV_AUTH = "ANYSERVE_AUTH"
+#: The registration's ``instance`` secret, when the supervisor chose it (so that it can
+#: unregister this replica as its owner); read from the environment, never from argv.
+ENV_INSTANCE = "ANYSERVE_INSTANCE"
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,13 @@ class ReplicaConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
     #: The API server's ``--auth`` mode, which this replica's port follows (module docs).
-    auth: str = field(default_factory=lambda: os.environ.get("ANYSERVE_AUTH") or AUTH_MODE)
+    auth: str = field(default_factory=lambda: os.environ.get(ENV_AUTH) or AUTH_MODE)
+    #: The secret that makes this process the owner of its registration (see
+    #: :meth:`Replica.register_and_heartbeat`); a fresh one unless ``up`` chose it.
+    instance: str = field(
+        default_factory=lambda: os.environ.get(ENV_INSTANCE) or secrets.token_hex(16),
+        repr=False,
+    )
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -458,6 +470,30 @@ def add_servicer(servicer: InferenceServicer, server: Any, gate: TokenGate) -> N
     )
 
 
+#: Bounds a ``heartbeat_interval`` from the API server is clamped to, in seconds: a
+#: shorter one would spin, a longer one would let the lease run out unnoticed.
+HEARTBEAT_BOUNDS = (0.05, 3600.0)
+
+
+def _lease_reply(reply: Any, interval: float) -> tuple[Mapping[str, Any], float, str]:
+    """``(body, interval, problem)`` of a 200 to /register or /heartbeat: the JSON object
+    (else empty), the interval it asks for (else ``interval``), and what was wrong, if
+    anything, said for a log line."""
+    try:
+        body = reply.json()
+    except ValueError:  # not JSON, or not UTF-8
+        return {}, interval, f"with a body that is not JSON ({reply.text[:100]!r})"
+    if not isinstance(body, dict):
+        return {}, interval, f"with JSON that is not an object ({type(body).__name__})"
+    asked = body.get("heartbeat_interval")
+    if asked is None:
+        return body, interval, ""
+    if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not 0 < asked < math.inf:
+        return body, interval, f"with heartbeat_interval {str(asked)[:50]!r}, not seconds"
+    low, high = HEARTBEAT_BOUNDS
+    return body, min(max(float(asked), low), high), ""
+
+
 class Replica:
     """One app served over gRPC, plus its registration with the API server."""
 
@@ -465,7 +501,7 @@ class Replica:
         self.config = config
         self.app = app
         self.replica_id = config.replica_id or f"replica-{secrets.token_hex(4)}"
-        self.instance = secrets.token_hex(8)
+        self.instance = config.instance
         self.ready = False
         self.endpoint = ""
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="handler")
@@ -713,8 +749,11 @@ class Replica:
             else:
                 status = reply.status_code
                 if status == 200:
-                    body = reply.json()
-                    interval = float(body.get("heartbeat_interval", interval) or interval)
+                    # A 200 is a lease, whatever its body: keep heartbeating and unregister
+                    # at shutdown even if the body cannot be read (a proxy's page, a bug).
+                    body, interval, problem = _lease_reply(reply, interval)
+                    if problem:
+                        problem = f"API server answered 200 {problem}; heartbeating on"
                     if not self._registered or body.get("registered"):
                         log.info("registered %s at %s as %s", self.endpoint, url, self.replica_id)
                     self._registered = True

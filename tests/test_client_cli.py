@@ -489,3 +489,16 @@ def test_registry_rm_keeps_a_live_replica_out(procs: Procs) -> None:
     assert "doomed" not in ok("registry", "ls", "--api-server", api.url, env=token).stdout
     gone = run("call", "-c", "type=chat", "Hello", "--api-server", api.url, env=token)
     assert gone.returncode == 1 and gone.stderr.startswith("error: no replica serves")
+
+
+def test_registry_rm_of_a_live_replica_is_refused_without_the_token(procs: Procs) -> None:
+    api = start_api_server(procs)
+    start_replica(procs, GROUPS["chat-0"], api_server=api, replica_id="doomed")
+    # Without the API server's token a live replica's lease belongs to its process: a
+    # stranger's `rm` is refused with what to do, and the replica keeps serving.
+    refused = run("registry", "rm", "doomed", "--api-server", api.url)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.startswith("error: unregister refused: replica id 'doomed'")
+    assert "Traceback" not in refused.stderr
+    assert "doomed" in ok("registry", "ls", "--api-server", api.url).stdout
+    assert ok("call", "-c", "type=chat", "Hello", "--api-server", api.url).stdout.strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 
@@ -211,3 +212,88 @@ def test_random_bytes_are_invalid_argument_and_the_replica_keeps_serving(procs: 
         assert (
             output_text(stub.ModelInfer(text_request("echo", "still here"))) == "Echo: still here"
         )
+
+
+class _OddApiServer:
+    """A stand-in API server at the HTTP edge: it answers 200 with ``body`` to everything
+    and records ``(method, path, json body or None)`` of each request."""
+
+    def __init__(self, body: bytes) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, object]] = []
+        lock = threading.Lock()
+        seen = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    parsed: object = json.loads(raw) if raw else None
+                except ValueError:
+                    parsed = None
+                with lock:
+                    seen.append((self.command, self.path, parsed))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_DELETE = do_GET = answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # the test reads the record, not stderr
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def paths(self, method: str = "POST") -> list[str]:
+        return [p for m, p, _ in list(self.requests) if m == method]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1, 2]", b'{"heartbeat_interval": "soon"}', b'{"heartbeat_interval": -1}'],
+)
+def test_a_200_the_replica_cannot_read_keeps_it_heartbeating_and_unregistering(
+    procs: Procs, body: bytes
+) -> None:
+    """A 200 is a lease whatever its body says: the replica warns once, heartbeats on, and
+    at SIGTERM unregisters with the instance secret it was given in its environment."""
+    api = _OddApiServer(body)
+    try:
+        instance = "a1" * 16
+        replica = start_replica(
+            procs,
+            "examples.mvp_demo.chat_app:app",
+            extra=["--api-server", api.url],
+            env={"ANYSERVE_INSTANCE": instance},
+        )
+        wait_until(
+            lambda: api.paths()[:1] == ["/register"] and api.paths().count("/heartbeat") >= 2,
+            timeout=15,
+            what="heartbeats after an unreadable 200",
+        )
+        assert replica.proc.alive()
+        replica.proc.send_signal(signal.SIGTERM)
+        assert replica.proc.popen.wait(timeout=15) == 0
+        deletes = [(p, b) for m, p, b in api.requests if m == "DELETE"]
+        assert deletes == [
+            ("/unregister", {"replica_id": replica.replica_id, "instance": instance})
+        ]
+        out = replica.proc.output()
+        assert out.count("heartbeating on") == 1, out
+        assert "Traceback" not in out
+        assert instance not in out
+    finally:
+        api.close()

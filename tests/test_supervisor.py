@@ -285,9 +285,13 @@ def test_token_comes_from_the_file_the_environment_or_is_created(tmp_path: Path)
     configured = 'token = "from-the-file-0123456789"'
     assert plan(configured, {"ANYSERVE_TOKEN": "env"}) == ("from-the-file-0123456789", False)
     assert plan('host = "127.0.0.1"', {"ANYSERVE_TOKEN": "env"}) == ("env", False)
-    assert plan('host = "127.0.0.1"', {}) == (None, False)  # loopback: no token needed
-    assert plan('host = "0.0.0.0"', {}) == (None, True)  # beyond loopback: `up` makes one
-    assert plan('host = "0.0.0.0"', {}, insecure=True) == (None, False)
+    # With neither, `up` makes one, on loopback too (another local user must not hold the
+    # registry), and --insecure alone does not give that up.
+    assert plan('host = "127.0.0.1"', {}) == (None, True)
+    assert plan('host = "0.0.0.0"', {}) == (None, True)
+    assert plan('host = "0.0.0.0"', {}, insecure=True) == (None, True)
+    # Only `token = false` runs without one: as asked on loopback, else with --insecure.
+    assert plan('host = "127.0.0.1"\ntoken = false', {}) == (None, False)
     assert plan('host = "0.0.0.0"\ntoken = false', {}, insecure=True) == (None, False)
     assert plan("token = false", {"ANYSERVE_TOKEN": "env"}) == (None, False)
     with pytest.raises(AnyServeError, match=r"anyserve.toml:3: api_server.token: false leaves"):

@@ -77,6 +77,11 @@ def test_up_serves_reloads_without_failures_scales_and_stops(procs: Procs, tmp_p
     assert first_new < 3.0, f"new answer only after {first_new:.1f}s"
     assert last_old < 3.0, f"old answer still seen {last_old:.1f}s after the edit"
     assert len(traffic.answers) > 50
+    # `up` has a token by default, and its unregister of the old replica is accepted
+    # (as the lease's owner) rather than left to the replica's own on SIGTERM.
+    assert (tmp_path / ".anyserve" / "token").stat().st_mode & 0o777 == 0o600
+    assert "unregistered echo-0-" in up.output()
+    assert "could not unregister" not in up.output()
     # The dashboard's per-replica numbers come from the API server.
     wait_until(
         lambda: any(r["requests"] > 0 for r in snapshot(tmp_path)["replicas"]),

@@ -439,6 +439,67 @@ def test_token_reaches_children_only_in_the_environment(tmp_path: Path) -> None:
     assert h.spawn.children[1].env["X"] == "1"
 
 
+def test_replicas_get_the_api_servers_auth_mode_and_an_instance_in_the_environment(
+    tmp_path: Path,
+) -> None:
+    """A group's ``env`` chooses neither: the replica's port follows the API server, and
+    the instance is the supervisor's own secret for that one process."""
+    groups = 'auth = "all"\n' + ECHO + "count = 2\n"
+    groups += 'env = { ANYSERVE_AUTH = "writes", ANYSERVE_INSTANCE = "mine" }\n'
+    h = Harness(tmp_path, groups)
+    h.up()
+    api, *replicas = h.spawn.children
+    assert "ANYSERVE_AUTH" not in api.env and "ANYSERVE_INSTANCE" not in api.env
+    assert [c.env["ANYSERVE_AUTH"] for c in replicas] == ["all", "all"]
+    instances = [c.env["ANYSERVE_INSTANCE"] for c in replicas]
+    assert instances == [h.proc("echo.0").instance, h.proc("echo.1").instance]
+    assert len(set(instances)) == 2 and all(len(i) == 32 for i in instances)
+    for child, instance in zip(replicas, instances, strict=True):
+        assert not any(instance in arg for arg in child.argv)
+    # A restart is a new process: a new secret.
+    h.child(h.proc("echo.0")).exit(1)
+    h.sup.step()
+    h.advance(5)
+    assert len(h.spawn.children) == 4
+    restarted = h.spawn.children[-1].env["ANYSERVE_INSTANCE"]
+    assert restarted == h.proc("echo.0").instance and restarted not in instances
+
+
+def test_rolling_reload_unregisters_the_old_replica_as_its_owner(tmp_path: Path) -> None:
+    """The DELETE /unregister carries the instance the old replica was started with, so
+    the registry accepts it from its owner whether or not the route trusts the token."""
+    import json
+
+    import httpx
+
+    bodies: list[dict[str, object]] = []
+
+    def api_server(request: httpx.Request) -> httpx.Response:
+        bodies.append({"method": request.method, "path": request.url.path})
+        bodies[-1].update(json.loads(request.content))
+        return httpx.Response(200, json={"ok": True})
+
+    h = Harness(tmp_path, ECHO)
+    h.sup.http = httpx.Client(transport=httpx.MockTransport(api_server))
+    h.up()
+    old = h.proc("echo.0")
+    old_env = h.child(old).env
+    h.sup.request_reload("echo", None, "test")
+    h.sup.step()
+    h.register()
+    h.sup.step()
+    assert old.role is Role.RETIRE
+    assert bodies == [
+        {
+            "method": "DELETE",
+            "path": "/unregister",
+            "replica_id": old.replica_id,
+            "instance": old_env["ANYSERVE_INSTANCE"],
+        }
+    ]
+    assert not h.said("could not unregister")
+
+
 def test_notes_from_helper_threads_are_shown(tmp_path: Path) -> None:
     h = Harness(tmp_path, ECHO)
     h.sup.handle(Note("file watching stopped: too many files", EventKind.ERROR))

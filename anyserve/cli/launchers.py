@@ -113,7 +113,7 @@ def up(
         bool,
         typer.Option(
             "--insecure",
-            help="Let an API server that listens beyond loopback run without a token.",
+            help="Allow `token = false` on an API server that listens beyond loopback.",
         ),
     ] = False,
 ) -> None:
@@ -125,21 +125,23 @@ def up(
 
     On a terminal a live dashboard is shown; all output is kept in .anyserve/logs/.
 
-    An API server listening beyond loopback (host = "0.0.0.0") needs a token: [api_server]
-    token, $ANYSERVE_TOKEN, or one `up` creates in .anyserve/token.
+    The API server always gets a token: [api_server] token, $ANYSERVE_TOKEN, or one `up`
+    creates in .anyserve/token (0600), where the client commands find it. Inference stays
+    open unless [api_server] auth = "all". `token = false` opts out (beyond loopback only
+    with --insecure).
     """
     from anyserve.topology import load
 
     topology = load(config)
     if dry_run:
-        from anyserve.supervisor import token_plan
+        from anyserve.up.tokens import token_plan
 
         token, create = token_plan(topology, insecure=insecure)
         _print_topology(topology, token, create)
         return
     import os
 
-    from anyserve.supervisor import run
+    from anyserve.up.run import run
 
     # A dumb terminal cannot redraw in place: fall back to prefixed lines there.
     tui = sys.stdout.isatty() and os.environ.get("TERM") != "dumb" and not no_tui

@@ -21,7 +21,7 @@ def _state_dir(config: Path) -> Path:
 
 def _snapshot(config: Path) -> Any:
     from anyserve.control import request
-    from anyserve.dashboard import Snapshot
+    from anyserve.up.snapshot import Snapshot
 
     return Snapshot.from_dict(request(_state_dir(config), "ps"))
 
@@ -40,7 +40,7 @@ def ps(
         return
     from rich.console import Console
 
-    from anyserve.dashboard import process_table
+    from anyserve.up.dashboard import process_table
 
     Console().print(process_table(snapshot, title=None))
 
@@ -58,7 +58,7 @@ def status(
 
     from rich.console import Console
 
-    from anyserve.dashboard import Dashboard
+    from anyserve.up.dashboard import Dashboard
 
     snapshot = _snapshot(config)
     if as_json:

@@ -1,7 +1,10 @@
 """The command lines and environments of ``up``'s children: the only place they are built.
 
 The token travels in the environment (``$ANYSERVE_TOKEN``), set here once for every
-child, after the group's own ``env`` so that a group cannot choose it.
+child, after the group's own ``env`` so that a group cannot choose it. So do a replica's
+auth mode (``$ANYSERVE_AUTH``, the API server's) and its registration secret
+(``$ANYSERVE_INSTANCE``, which lets the supervisor unregister it as its owner): secrets
+never go on a command line, where ``ps`` would show them.
 """
 
 from __future__ import annotations
@@ -12,18 +15,31 @@ from collections.abc import Mapping
 
 from anyserve.client import ENV_TOKEN
 from anyserve.defaults import AUTH_MODE
+from anyserve.replica import ENV_AUTH, ENV_INSTANCE
 from anyserve.topology import GroupSpec, Topology
 
 
 def child_env(
-    base: Mapping[str, str], token: str | None, extra: Mapping[str, str] | None = None
+    base: Mapping[str, str],
+    token: str | None,
+    extra: Mapping[str, str] | None = None,
+    *,
+    auth: str | None = None,
+    instance: str | None = None,
 ) -> dict[str, str]:
-    """``base`` plus ``extra`` (a group's ``env``), unbuffered, with exactly ``token``."""
+    """``base`` plus ``extra`` (a group's ``env``), unbuffered, with exactly ``token``,
+    ``auth`` and ``instance`` (each left out when None, whatever ``base`` or ``extra`` said)."""
     env = {**base, "PYTHONUNBUFFERED": "1", **(extra or {})}
-    env.pop(ENV_TOKEN, None)
-    if token:
-        env[ENV_TOKEN] = token
+    for name, value in ((ENV_TOKEN, token), (ENV_AUTH, auth), (ENV_INSTANCE, instance)):
+        env.pop(name, None)
+        if value:
+            env[name] = value
     return env
+
+
+def new_instance() -> str:
+    """A replica's registration secret (128 bits): only its holder may unregister it."""
+    return secrets.token_hex(16)
 
 
 def api_server_argv(topology: Topology) -> list[str]:

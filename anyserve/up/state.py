@@ -7,7 +7,7 @@ dashboard and ``anyserve ps --json`` show; members are ``str`` and compare equal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -107,6 +107,8 @@ class Proc:
     child: ChildProcess | None = None
     pid: int | None = None
     replica_id: str | None = None
+    instance: str | None = field(default=None, repr=False)
+    """The secret of ``replica_id``'s registration, handed to the replica by ``up``."""
     restarts: int = 0
     failures: int = 0
     started_at: float | None = None

@@ -281,13 +281,13 @@ class Supervisor:
         if self.create_token:
             path = self.topology.state_dir / TOKEN_FILE
             self.say(
-                f"the API server listens on {api.host}: registration and object writes need "
-                f"the token in {path} (clients: export {ENV_TOKEN}=$(cat {path}))"
+                f"registration and object writes need the token in {path} (client commands "
+                f"run in {self.topology.root} read it; elsewhere: export {ENV_TOKEN}=$(cat {path}))"
             )
         elif self.token is None and not api.loopback:
             self.say(
-                f"--insecure: the API server listens on {api.host} without a token; anyone "
-                "who can reach it may register replicas and write objects",
+                f"token = false, --insecure: the API server listens on {api.host} without a "
+                "token; anyone who can reach it may register replicas and write objects",
                 kind=EventKind.ERROR,
             )
 
@@ -405,15 +405,22 @@ class Supervisor:
         if proc.kind is Kind.API:
             argv = launch.api_server_argv(topo)
             env = launch.child_env(os.environ, self.token)
-            proc.replica_id = None
+            proc.replica_id = proc.instance = None
         else:
             group = topo.group(proc.group)
             if port is None:
                 port = group.port_for(proc.slot) or free_port(group.host)
             proc.port = port
             proc.replica_id = launch.new_replica_id(group, proc.slot)
+            proc.instance = launch.new_instance()
             argv = launch.replica_argv(topo, group, port, proc.replica_id)
-            env = launch.child_env(os.environ, self.token, group.env_dict)
+            env = launch.child_env(
+                os.environ,
+                self.token,
+                group.env_dict,
+                auth=topo.api_server.auth,
+                instance=proc.instance,
+            )
         if proc.started_at is not None and proc.role is Role.SERVE:
             proc.restarts += 1
         proc.retry_at = None
@@ -578,7 +585,8 @@ class Supervisor:
             reply = self.http.request(
                 "DELETE",
                 self.topology.api_server.url + "/unregister",
-                json={"replica_id": proc.replica_id},
+                # As the lease's owner: no token needed for the registry to accept it.
+                json={"replica_id": proc.replica_id, "instance": proc.instance},
             )
             if reply.status_code not in (200, 404):
                 self.say(

@@ -1,9 +1,12 @@
 """The API server's token: where ``up`` takes it from, and the file it creates.
 
-The token (``[api_server] token``, else ``$ANYSERVE_TOKEN``, else one created in
-``.anyserve/token`` when the API server listens beyond loopback) reaches every child as
-``$ANYSERVE_TOKEN`` (see :mod:`anyserve.up.launch`), never on a command line, where
-``ps`` would show it.
+``up`` always runs its API server with a token, as Jupyter does, even on loopback:
+another local user then cannot register replicas, write objects, or unregister or take
+over a replica's id. It is ``[api_server] token``, else ``$ANYSERVE_TOKEN``, else one
+created (or reused) in ``.anyserve/token``, where the client commands find it. Only
+``token = false`` runs without one (beyond loopback also ``--insecure``). It reaches every
+child as ``$ANYSERVE_TOKEN`` (see :mod:`anyserve.up.launch`), never on a command line,
+where ``ps`` would show it.
 """
 
 from __future__ import annotations
@@ -26,26 +29,26 @@ def token_plan(
 ) -> tuple[str | None, bool]:
     """``(token, create)``: the API server's token and whether ``up`` must create one.
 
-    ``[api_server] token`` wins, then ``$ANYSERVE_TOKEN``. With neither, a loopback API
-    server runs without one, and a non-loopback one gets a token ``up`` creates, unless
-    ``--insecure``. ``token = false`` on a non-loopback address needs ``--insecure``.
+    ``[api_server] token`` wins, then ``$ANYSERVE_TOKEN``; with neither ``up`` creates one
+    (or reuses the one it created before), on loopback too. ``token = false`` runs without
+    a token: on loopback as asked, on a non-loopback address only with ``--insecure``.
     """
     api = topology.api_server
     env = dict(os.environ) if env is None else env
     if api.token:
         return api.token, False
-    if not api.token_off and env.get(ENV_TOKEN):
-        return env[ENV_TOKEN], False
+    if not api.token_off:
+        if env.get(ENV_TOKEN):
+            return env[ENV_TOKEN], False
+        return None, True
     if api.loopback or insecure:
         return None, False
-    if api.token_off:
-        raise config_error(
-            topology,
-            ("api_server", "token"),
-            f"false leaves the API server on {api.host} open to anyone who can reach it; "
-            "remove the line (up then creates a token) or pass --insecure",
-        )
-    return None, True
+    raise config_error(
+        topology,
+        ("api_server", "token"),
+        f"false leaves the API server on {api.host} open to anyone who can reach it; "
+        "remove the line (up then creates a token) or pass --insecure",
+    )
 
 
 def token_file(state_dir: Path) -> str:

@@ -48,8 +48,8 @@ _LAZY = {
     "Capability": "anyserve.app",
     "Context": "anyserve.context",
     "Stream": "anyserve.context",
-    "StreamCancelled": "anyserve.context",
-    "StreamClosed": "anyserve.context",
+    "StreamCancelled": "anyserve.errors",
+    "StreamClosed": "anyserve.errors",
     "ObjRef": "anyserve.objects",
     "ObjectStore": "anyserve.objects",
     "input_list": "anyserve.tensors",
@@ -75,7 +75,8 @@ if TYPE_CHECKING:
         ModelStreamInferResponse,
     )
     from anyserve.app import AnyServe, Capability
-    from anyserve.context import Context, Stream, StreamCancelled, StreamClosed
+    from anyserve.context import Context, Stream
+    from anyserve.errors import StreamCancelled, StreamClosed
     from anyserve.objects import ObjectStore, ObjRef
     from anyserve.tensors import (
         input_list,

@@ -10,18 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.capability import parse_capability
-from anyserve.errors import BadRequest, ObjectStoreError, Unavailable
+from anyserve.errors import (
+    BadRequest,
+    ObjectStoreError,
+    StreamCancelled,
+    StreamClosed,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from anyserve.objects import ObjectStore
-
-
-class StreamClosed(RuntimeError):
-    """``send`` on a stream that was closed, ended with an error, or cancelled."""
-
-
-class StreamCancelled(StreamClosed):
-    """The client went away: stop generating."""
 
 
 #: How many messages a stream buffers between its handler and the gRPC writer ...

@@ -30,6 +30,10 @@ reply in ``api_server``, to a gRPC status in ``replica``, to an exit code in ``c
     ├── DeadlineExceeded (504)
     ├── RegistryFull (507)               the registry holds its maximum of replicas
     └── DelegationLoop (508)             delegation went past the depth limit
+
+    StreamClosed (RuntimeError)          ``stream.send`` after the stream ended
+    └── StreamCancelled                  the client went away: stop generating
+    BadElement                           a bad tensor element, before its path is known
 """
 
 from __future__ import annotations
@@ -286,3 +290,24 @@ def trailing_metadata(exc: AnyServeError) -> tuple[tuple[str, str], ...]:
     if exc.status == 503:
         headers.setdefault("retry-after", "1")
     return tuple(headers.items())
+
+
+# -- outside the tree: the SDK's stream signals and the tensor codec's element error ------
+
+
+class StreamClosed(RuntimeError):
+    """``send`` on a stream that was closed, ended with an error, or cancelled."""
+
+
+class StreamCancelled(StreamClosed):
+    """The client went away: stop generating."""
+
+
+class BadElement(Exception):
+    """A bad tensor element found by a value setter (``anyserve.tensors``); the caller knows
+    the element's path and turns it into a :class:`BadRequest` naming it."""
+
+    def __init__(self, index: int | None, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message

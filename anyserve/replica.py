@@ -50,7 +50,7 @@ from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.app import AnyServe, Handler
 from anyserve.capability import headers_for, value_text
-from anyserve.context import Context, Stream, StreamClosed
+from anyserve.context import Context, Stream
 from anyserve.defaults import (
     AUTH_MODE,
     AUTH_MODES,
@@ -66,6 +66,7 @@ from anyserve.errors import (
     DelegationLoop,
     HandlerError,
     NotFound,
+    StreamClosed,
     Unavailable,
     grpc_code,
 )

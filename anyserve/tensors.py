@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, overload
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
-from anyserve.errors import BadRequest
+from anyserve.errors import BadElement, BadRequest
 
 _orjson: Any
 try:  # orjson (a dependency) is several times faster than json; json is the fallback.
@@ -181,15 +181,6 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
 # -- errors -----------------------------------------------------------------------------
 
 
-class _Bad(Exception):
-    """A bad element found by a value setter; the caller knows the path and adds it."""
-
-    def __init__(self, index: int | None, message: str) -> None:
-        super().__init__(message)
-        self.index = index
-        self.message = message
-
-
 def _kind(value: Any) -> str:
     """The JSON name of a value's type, for messages."""
     if value is None:
@@ -271,11 +262,11 @@ def _int_setter(field: str) -> Callable[[Any, Sequence[Any]], None]:
         if not set(map(type, values)) <= _INT_TYPES:
             for i, v in enumerate(values):
                 if not _is_int(v):
-                    raise _Bad(i, f"expected an integer, got {_kind(v)}")
+                    raise BadElement(i, f"expected an integer, got {_kind(v)}")
             values = [int(v) for v in values]  # int subclasses (IntEnum) pass as plain ints
         bad = _first_out_of_range(values, low, high)
         if bad is not None:
-            raise _Bad(bad, f"{values[bad]} is out of range for {name} ({low}..{high})")
+            raise BadElement(bad, f"{values[bad]} is out of range for {name} ({low}..{high})")
         getattr(contents, field).extend(values)
 
     return put
@@ -288,7 +279,7 @@ def _float_setter(
         if not set(map(type, values)) <= _FLOAT_TYPES:
             for i, v in enumerate(values):
                 if not _is_number(v):
-                    raise _Bad(i, f"expected a number, got {_kind(v)}")
+                    raise BadElement(i, f"expected a number, got {_kind(v)}")
             values = [float(v) if isinstance(v, float) else int(v) for v in values]
         # NaN and ±inf are accepted (representable); a finite value past the type's range
         # would silently become inf, and a huge integer would make protobuf raise.
@@ -297,7 +288,7 @@ def _float_setter(
             if top != top or top >= limit:  # NaN makes max() unreliable: look at each
                 for i, v in enumerate(values):
                     if abs(v) >= limit and not (isinstance(v, float) and math.isinf(v)):
-                        raise _Bad(i, f"{v!r} is out of range for {name}")
+                        raise BadElement(i, f"{v!r} is out of range for {name}")
         getattr(contents, field).extend(values)
 
     return put
@@ -306,7 +297,7 @@ def _float_setter(
 def _put_bools(contents: Any, values: Sequence[Any]) -> None:
     if not set(map(type, values)) <= _BOOL_TYPES:
         i = next(i for i, v in enumerate(values) if not isinstance(v, bool))
-        raise _Bad(i, f"expected a boolean, got {_kind(values[i])}")
+        raise BadElement(i, f"expected a boolean, got {_kind(values[i])}")
     contents.bool_contents.extend(values)
 
 
@@ -339,7 +330,7 @@ def _put_bytes(contents: Any, values: Sequence[Any]) -> None:
             try:
                 encoded.append(_encode_item(item))
             except ValueError as exc:
-                raise _Bad(i, str(exc)) from None
+                raise BadElement(i, str(exc)) from None
     contents.bytes_contents.extend(encoded)
 
 
@@ -360,7 +351,7 @@ def _check_narrow(datatype: str, values: Sequence[Any]) -> None:
     low, high = _NARROW[datatype]
     i = _first_out_of_range(values, low, high)
     if i is not None:
-        raise _Bad(i, f"{values[i]} is out of range for {datatype} ({low}..{high})")
+        raise BadElement(i, f"{values[i]} is out of range for {datatype} ({low}..{high})")
 
 
 # -- parameters -------------------------------------------------------------------------
@@ -531,7 +522,7 @@ def _fill_tensor(tensor: Any, obj: Any, where: str, strict_shape: bool) -> None:
                 put(c, values)
                 if datatype in _NARROW and field in _INT_FIELDS:
                     _check_narrow(datatype, values)
-            except _Bad as bad:
+            except BadElement as bad:
                 raise BadRequest(f"{path}[{bad.index}]: {bad.message}") from None
             filled = field
             count = len(values)
@@ -550,7 +541,7 @@ def _fill_tensor(tensor: Any, obj: Any, where: str, strict_shape: bool) -> None:
             _SETTERS[field_name](tensor.contents, values)
             if datatype in _NARROW:
                 _check_narrow(datatype, values)
-        except _Bad as bad:
+        except BadElement as bad:
             at = _index_in(nested_shape, bad.index or 0)
             raise BadRequest(f"{path}{at}: {bad.message}") from None
         filled = field_name
@@ -1031,7 +1022,7 @@ def list_output(
         _SETTERS[field](tensor.contents, values)
         if datatype in _NARROW:
             _check_narrow(datatype, values)
-    except _Bad as bad:
+    except BadElement as bad:
         raise ValueError(f"output {name!r}[{bad.index}]: {bad.message}") from None
     tensor.shape.extend([len(values)] if shape is None else shape)
     return tensor

@@ -153,3 +153,19 @@ def test_registrations_from_all_of_loopback_share_one_rate_limit(procs: Procs) -
     # A burst of 2: a new 127.x.y.z address does not buy a new bucket.
     assert statuses[:2] == [200, 200]
     assert 429 in statuses[2:]
+
+
+def test_a_registration_of_40k_capabilities_is_refused(api_server: ApiServer) -> None:
+    # Under the 1 MiB registration limit, 40,000 capabilities once made every 404 take
+    # seconds of the event loop; now the registration is refused and 404s stay cheap.
+    body = {
+        "replica_id": "flood",
+        "endpoint": "127.0.0.1:50097",
+        "capabilities": [{"t": str(n)} for n in range(40_000)],
+    }
+    assert len(json.dumps(body)) < 1024 * 1024
+    reply = httpx.post(api_server.url + "/register", json=body, timeout=30)
+    assert reply.status_code == 400 and "at most 256 capabilities" in reply.json()["detail"]
+    assert api_server.registry() == []
+    miss = httpx.post(api_server.url + "/infer/json", json=HELLO, headers={"X-Capability-T": "x"})
+    assert miss.status_code == 404

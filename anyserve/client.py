@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from anyserve.addresses import reachable_host
 from anyserve.capability import headers_for, value_text
 from anyserve.errors import (
     AnyServeError,
@@ -106,10 +107,7 @@ def resolve_api_server(
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError(f"{path}: [api_server] port must be a number 1-65535, not {port!r}")
         # A server bound to every interface is reached on this machine through loopback.
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host in ("::", "[::]"):
-            host = "::1"
+        host = reachable_host(host)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"http://{host}:{port}"

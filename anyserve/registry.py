@@ -24,7 +24,6 @@ import ipaddress
 import itertools
 import json
 import re
-import socket
 import time
 from bisect import bisect_left
 from collections import deque
@@ -32,6 +31,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyserve.addresses import Resolver, is_loopback, localhost_addresses
 from anyserve.capability import capability_text, format_query, value_text
 from anyserve.defaults import MAX_IN_FLIGHT, MAX_IN_FLIGHT_LIMIT
 from anyserve.errors import (
@@ -65,7 +65,6 @@ __all__ = [
     "Waiter",
     "capability_text",
     "format_query",
-    "is_loopback",
     "parse_endpoint",
     "value_text",
 ]
@@ -142,43 +141,6 @@ def parse_endpoint(endpoint: Any) -> tuple[str, int]:
             "(write IPv6 addresses in brackets: [::1]:50051)"
         )
     return host, int(port)
-
-
-Resolver = Callable[[str], list[str]]
-"""Host name → its addresses (``localhost_addresses`` by default; tests inject a fake DNS)."""
-
-
-def localhost_addresses(name: str) -> list[str]:
-    """Every address the system resolver gives ``name``; empty when it does not resolve."""
-    try:
-        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return []
-    return [str(info[4][0]) for info in infos]
-
-
-def is_loopback(host: str, resolve: Resolver = localhost_addresses) -> bool:
-    """Whether ``host`` (as :func:`parse_endpoint` returns it) names this machine only.
-
-    An address is judged as it is. Of host names only ``localhost`` and ``*.localhost`` can
-    be loopback, and only when every address they resolve to is: ``/etc/hosts`` (or a DNS
-    answer) may map ``evil.localhost`` anywhere. Other names are not resolved at all, so a
-    registrant cannot make the API server wait on DNS.
-    """
-    name = host.strip("[]").lower().removesuffix(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        addresses = resolve(name)
-        return bool(addresses) and all(_loopback_address(a) for a in addresses)
-    return _loopback_address(name)
-
-
-def _loopback_address(text: str) -> bool:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return False  # a host name: where it points is not known without resolving it
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ import grpc
 from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
+from anyserve.addresses import reachable_host
 from anyserve.app import AnyServe, Handler
 from anyserve.capability import headers_for, value_text
 from anyserve.context import Context, Stream
@@ -813,9 +814,9 @@ class Replica:
                 f"cannot listen on {address}: the port is already in use or the address is "
                 "not available; choose another --port (0 picks a free one)"
             )
-        advertised = (
-            self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        )
+        advertised = reachable_host(self.config.host)
+        if ":" in advertised and not advertised.startswith("["):
+            advertised = f"[{advertised}]"  # an IPv6 address, as host:port needs it
         self.endpoint = f"{advertised}:{port}"
         if self.config.api_server:
             self.delegator = Delegator(self.config.api_server, self.replica_id, self.config.token)

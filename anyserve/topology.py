@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from anyserve.addresses import is_loopback, reachable_host
 from anyserve.defaults import AUTH_MODE, AUTH_MODES, MAX_IN_FLIGHT, OBJECT_STORE_PATH
 from anyserve.errors import BadRequest, ConfigError
-from anyserve.registry import is_loopback
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,7 +74,7 @@ class ApiServerSpec:
     @property
     def url(self) -> str:
         """The URL replicas and clients use; a wildcard bind is reached over loopback."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        host = reachable_host(self.host)
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"

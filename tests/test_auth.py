@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
+from anyserve.addresses import is_loopback
 from anyserve.errors import BadRequest
 from anyserve.registry import (
     Forbidden,
     RateLimiter,
     Registry,
     RegistryFull,
-    is_loopback,
     parse_endpoint,
 )
 

@@ -407,7 +407,7 @@ def test_localhost_names_are_judged_by_what_they_resolve_to(clock: FakeClock) ->
 
 
 def test_is_loopback_with_the_system_resolver() -> None:
-    from anyserve.registry import is_loopback
+    from anyserve.addresses import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("[::1]") and is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("10.0.0.1") and not is_loopback("example.com")

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from anyserve.addresses import reachable_host
 from anyserve.topology import Topology
 from anyserve.up.state import EventKind, Kind, Proc, Role, State
 
 Say = Callable[[str, str, EventKind], None]
 """``(message, process name, kind)``."""
-
-# A replica listening on every address is probed on loopback.
-_PROBE_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def probe_targets(procs: Iterable[Proc], topology: Topology) -> dict[int, str]:
@@ -34,7 +32,7 @@ def probe_targets(procs: Iterable[Proc], topology: Topology) -> dict[int, str]:
         group = topology.group(proc.group)
         if group.stuck_timeout is None:
             continue
-        host = _PROBE_HOST.get(group.host, group.host)
+        host = reachable_host(group.host)  # a wildcard bind is probed on loopback
         host = f"[{host}]" if ":" in host else host
         targets[proc.child.pid] = f"{host}:{proc.port}"
     return targets

@@ -289,3 +289,25 @@ def test_a_request_log_line_is_bounded(setup: Setup) -> None:
     line = next(x for x in api.proc.output().splitlines() if "request bounded-line-1 " in x)
     assert len(line) < 1000
     assert "more)" in line
+
+
+def test_a_stream_the_server_ends_releases_its_slot_at_once(procs: Procs) -> None:
+    # The idle timeout ends a stream whose relay is stuck writing to a client that does
+    # not read (the write timeout, 60 s here, is far off): the slot is free at once.
+    api = start_api_server(procs, extra=["--write-timeout", "60", "--stream-idle-timeout", "1"])
+    replica = start_replica(procs, FLOOD_APP, api_server=api, extra=["--max-in-flight", "1"])
+    setup = Setup(api, replica.replica_id)
+    with non_reader(api) as sock:
+        sock.sendall(post("/infer/stream", "flood", json.dumps(text_body("2000")).encode()))
+        wait_until(lambda: setup.in_flight() == 1, timeout=10, what="the slot taken")
+        wait_until(lambda: setup.in_flight() == 0, timeout=6, what="the slot released")
+        assert log_has(api, "no message for 1s")
+        # The client is still connected, and another is served by the freed slot.
+        reply = httpx.post(
+            api.url + "/infer/stream",
+            json=text_body("2"),
+            headers={"X-Capability-Type": "flood"},
+            timeout=30,
+        )
+        assert reply.status_code == 200
+        assert reply.text.count("data: ") == 2

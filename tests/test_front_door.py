@@ -58,10 +58,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         procs.stop_all()
 
 
-def non_reader(api: ApiServer) -> socket.socket:
+def non_reader(api: ApiServer, buffer: int = 4096) -> socket.socket:
     """A connection with a small receive buffer, so that the server's writes pause soon."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
     sock.settimeout(10)
     sock.connect(("127.0.0.1", api.port))
     return sock
@@ -156,6 +156,24 @@ def test_a_slow_but_reading_client_is_not_cut_off(setup: Setup) -> None:
             time.sleep(0.01)  # ~6 MiB/s: the server's writes pause, but never for long
     assert data.count(b"data: ") == 40
     assert b'"stop"' in data
+
+
+def test_a_large_reply_to_a_slow_reader_is_not_cut_off(setup: Setup) -> None:
+    # One 24 MiB write keeps the server's writes paused for as long as the client takes to
+    # read it (seconds, past the write timeout, once the kernel's socket buffers of a few
+    # MiB are full); it reads all along, so it is served.
+    size = 24 * 1024 * 1024
+    # (A receive buffer below the loopback's 64 KiB segments would make TCP itself stall.)
+    with non_reader(setup.api, 256 * 1024) as sock:
+        sock.sendall(post("/infer/json", "big", json.dumps(text_body(str(size))).encode()))
+        data = b""
+        while b"}]}" not in data[-64:]:
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection after {len(data)} bytes"
+            data += chunk
+            time.sleep(0.01)  # at most ~6 MiB/s
+    assert data.startswith(b"HTTP/1.1 200")
+    assert len(data) > size
 
 
 # --------------------------------------------------------------------------- request head

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
 import time
 from collections.abc import (
     AsyncIterator,
@@ -35,6 +36,14 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("anyserve.api_server")
+
+try:  # the kernel's unsent bytes of a socket (Linux; elsewhere only asyncio's are known)
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):
+    _OUTQ = None
 
 
 # --------------------------------------------------------------------------- request log
@@ -342,8 +351,10 @@ def protocol_class(max_header_size: int = MAX_HEADER_SIZE) -> type[Any]:
         head_since = 0.0
         head_after: Any = None
         #: Since when the transport has had writing paused (its buffer over the high-water
-        #: mark: the client is not taking the replies); 0.0 while it is not paused.
+        #: mark) with the client taking none of it; 0.0 while it is not paused. And the
+        #: buffer's size when last looked at, to tell a slow reader from one that stopped.
         write_paused_since = 0.0
+        write_buffered = 0
         #: The request head was refused (431): what else arrives is discarded.
         refused = False
 
@@ -364,6 +375,7 @@ def protocol_class(max_header_size: int = MAX_HEADER_SIZE) -> type[Any]:
             # Only noted: the sweep, already running every second, judges it; a timer per
             # pause would cost the relay's hot path for the rare client that stops reading.
             self.write_paused_since = time.monotonic()
+            self.write_buffered = self.transport.get_write_buffer_size()
             super().pause_writing()
 
         def resume_writing(self) -> None:
@@ -489,6 +501,19 @@ _REQUEST_TIMEOUT = (
 )
 
 
+def unsent(transport: Any) -> int:
+    """Bytes written to ``transport`` that the client has not taken: the transport's buffer
+    and, where the system says (Linux), the kernel's send queue, which on a fast link holds
+    a few MiB that a slow reader takes before the transport's buffer shrinks at all."""
+    size: int = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _OUTQ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+            size += int.from_bytes(queued, sys.byteorder, signed=True)
+    return size
+
+
 def close_slow_clients(
     connections: Iterable[Any], header_timeout: float, body_timeout: float, write_timeout: float
 ) -> int:
@@ -501,8 +526,8 @@ def close_slow_clients(
     reads, unless the server itself paused reading. The client gets a 408 if no response
     has started; the route reading the body sees a disconnect.
 
-    A connection whose writes have stayed paused for ``write_timeout`` (the client takes
-    none of the reply) is aborted: its buffered reply is dropped, the route sees a
+    A connection whose writes have stayed paused for ``write_timeout`` with the client
+    taking none of the reply is aborted: its buffered reply is dropped, the route sees a
     disconnect, and a stream's relay cancels the replica call and releases its slot.
     """
     now = time.monotonic()
@@ -512,6 +537,13 @@ def close_slow_clients(
         if transport is None:
             continue
         paused = getattr(conn, "write_paused_since", 0.0)
+        if paused:
+            buffered = unsent(transport)
+            if buffered < conn.write_buffered:
+                # The client took some since the last look: slow, but reading (one large
+                # reply to a slow reader stays paused until nearly all of it is taken).
+                conn.write_paused_since = paused = now
+            conn.write_buffered = buffered
         if paused and now - paused > write_timeout:
             # Even if closing: close() waits for the buffer to drain, which it never will.
             conn.write_paused_since = 0.0  # (aborted once; connection_lost follows)

@@ -24,6 +24,17 @@ HEADER_TIMEOUT = 10.0
 #: A request body may pause this long between two reads before the connection is closed
 #: (nginx's client_body_timeout idea; half its default, as bodies here come from programs).
 BODY_TIMEOUT = 30.0
+#: A connection whose replies the client has not taken for this long (the server's writes
+#: stay paused: its socket buffers are full) is cut off, so that a reader that stopped
+#: reading cannot hold a replica slot or buffered replies. Like BODY_TIMEOUT, a pause no
+#: working client makes, short enough to free the slot soon.
+WRITE_TIMEOUT = 30.0
+#: Largest request head (request line and headers) in bytes, and most header fields: 431
+#: past either. 64 KiB is the scale of nginx's large_client_header_buffers (4 x 8k) with
+#: room for long bearer tokens; 100 fields is uvicorn/h11's and Go's order of magnitude
+#: and far past what any client sends.
+MAX_HEADER_SIZE = 64 * 1024
+MAX_HEADERS = 100
 #: A stream that sends nothing for this long is ended with an error event and cancelled
 #: (nginx's proxy_read_timeout default): a generation that stalls a minute is stuck.
 STREAM_IDLE_TIMEOUT = 60.0
@@ -65,6 +76,10 @@ class ApiServerConfig:
     #: Seconds for a request head to arrive; seconds a request body may pause.
     header_timeout: float = HEADER_TIMEOUT
     body_timeout: float = BODY_TIMEOUT
+    #: Seconds a client may leave the replies unread (writes paused) before it is cut off.
+    write_timeout: float = WRITE_TIMEOUT
+    #: Largest request head in bytes (431 past it).
+    max_header_size: int = MAX_HEADER_SIZE
     #: The bearer token registration and object writes require (all routes with
     #: ``auth="all"``); None: no token, and only replicas on this machine may register.
     token: str | None = field(default_factory=lambda: os.environ.get("ANYSERVE_TOKEN") or None)
@@ -151,6 +166,8 @@ def parse_args(
         ("--stream-idle-timeout", _positive, "seconds a stream may send nothing"),
         ("--header-timeout", _positive, "seconds for a request head to arrive"),
         ("--body-timeout", _positive, "seconds a request body may pause"),
+        ("--write-timeout", _positive, "seconds a client may leave replies unread"),
+        ("--max-header-size", parse_size, "largest request head, e.g. 64k (431)"),
         ("--max-replicas", _whole, "replicas the registry holds at most"),
         ("--shutdown-timeout", _positive, "seconds requests get to finish on shutdown"),
         ("--register-rate", _positive, "registrations a second per client address"),

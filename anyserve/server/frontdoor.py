@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import sys
 import time
 from collections.abc import (
     AsyncIterator,
@@ -23,7 +25,7 @@ from anyserve import ingress as grpc_ingress
 from anyserve.errors import AnyServeError
 from anyserve.registry import Registry
 from anyserve.server.auth import Guard
-from anyserve.server.config import ApiServerConfig
+from anyserve.server.config import MAX_HEADER_SIZE, MAX_HEADERS, ApiServerConfig
 from anyserve.server.gateway import Gateway, check_health_forever, evict_forever
 from anyserve.server.replies import error_response
 from anyserve.server.routes import DIRECT_ROUTES, ROUTES
@@ -34,6 +36,14 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("anyserve.api_server")
+
+try:  # the kernel's unsent bytes of a socket (Linux; elsewhere only asyncio's are known)
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):
+    _OUTQ = None
 
 
 # --------------------------------------------------------------------------- request log
@@ -158,10 +168,15 @@ def _log_request(
     capability = state.get("capability")
     replica = state.get("replica")
     line = (
-        f"request {state['request_id']} {scope.get('method', '')} {path}"
-        f"{f' [{capability}]' if capability is not None else ''}"
+        f"request {state['request_id']} {scope.get('method', '')} {_bounded(path)}"
+        f"{f' [{_bounded(capability)}]' if capability is not None else ''}"
         f"{f' -> {replica}' if replica is not None else ''} {status} {ms:.1f}ms"
     )
+    # The path (percent-decoded: %0a is a newline) and the capability come from the
+    # client: a control character in them could forge a log line or drive a terminal.
+    # One search of the whole line is the hot path's cost; the rest of it is ours.
+    if _CONTROL.search(line) is not None:
+        line = escape_controls(line)
     if failure is not None:
         log.error("%s: unexpected error", line, exc_info=failure)
     elif status >= 500:
@@ -172,6 +187,29 @@ def _log_request(
         fast_info.write(line)
     else:
         log.info(line)
+
+
+#: C0 controls, DEL, C1 controls and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Characters of one client-given field a log line shows at most (a head may be 64 KiB).
+LOGGED_FIELD = 256
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as ``\\xNN`` (``\\uNNNN``)."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _bounded(text: str) -> str:
+    """``text``, cut to :data:`LOGGED_FIELD` characters (saying how many more there were)."""
+    if len(text) <= LOGGED_FIELD:
+        return text
+    return f"{text[:LOGGED_FIELD]}...({len(text) - LOGGED_FIELD} more)"
 
 
 class FastInfo:
@@ -292,16 +330,19 @@ class ApiServer(RequestLog):
         super().__init__(router, Guard(gateway.config), DIRECT_ROUTES)
 
 
-def protocol_class() -> type[Any]:
+def protocol_class(max_header_size: int = MAX_HEADER_SIZE) -> type[Any]:
     """uvicorn's HTTP protocol (httptools when installed, else h11), noting for the slow
-    client sweep (:func:`close_slow_clients`) when data arrived and a request head began."""
+    client sweep (:func:`close_slow_clients`) when data arrived, a request head began and
+    writing paused; with httptools, request heads over ``max_header_size`` bytes or
+    :data:`MAX_HEADERS` fields are answered 431 (with h11, uvicorn's
+    ``h11_max_incomplete_event_size``, set by ``serve.run``, bounds the head instead)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:  # httptools is optional: uvicorn falls back to h11 the same way
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
     class Protocol(Base):
-        """An HTTP connection whose head and body progress the sweep can judge."""
+        """An HTTP connection whose head, body and reply progress the sweep can judge."""
 
         #: ``time.monotonic()`` of the last bytes received.
         last_data = 0.0
@@ -309,6 +350,13 @@ def protocol_class() -> type[Any]:
         #: and the finished cycle it follows (None: the connection's first request).
         head_since = 0.0
         head_after: Any = None
+        #: Since when the transport has had writing paused (its buffer over the high-water
+        #: mark) with the client taking none of it; 0.0 while it is not paused. And the
+        #: buffer's size when last looked at, to tell a slow reader from one that stopped.
+        write_paused_since = 0.0
+        write_buffered = 0
+        #: The request head was refused (431): what else arrives is discarded.
+        refused = False
 
         def connection_made(self, transport: Any) -> None:
             self.head_since = self.last_data = time.monotonic()
@@ -323,7 +371,20 @@ def protocol_class() -> type[Any]:
                 self.head_since = now
             super().data_received(data)
 
+        def pause_writing(self) -> None:
+            # Only noted: the sweep, already running every second, judges it; a timer per
+            # pause would cost the relay's hot path for the rare client that stops reading.
+            self.write_paused_since = time.monotonic()
+            self.write_buffered = self.transport.get_write_buffer_size()
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            self.write_paused_since = 0.0
+            super().resume_writing()
+
         def send_400_response(self, msg: str) -> None:
+            if self.refused:
+                return  # already answered 431 (a refused head stops the parser by raising)
             # uvicorn answers a request it cannot parse in plain text; every other error
             # from this server is JSON, so clients need only one way to read them.
             body = b'{"detail": "%s: the request is not valid HTTP/1.1"}' % msg.encode(
@@ -332,7 +393,100 @@ def protocol_class() -> type[Any]:
             self.transport.write(_BAD_REQUEST % (len(body), body))
             self.transport.close()
 
-    return Protocol
+    if not hasattr(Base, "on_headers_complete"):
+        return Protocol  # h11: no parser callbacks to count the head with
+
+    class HeadLimitedProtocol(Protocol):
+        """The protocol, refusing request heads too large before the parser holds them.
+
+        httptools (llhttp) has no limit of its own: it hands a header over only once it is
+        complete, so a 64 MiB header is held whole, and parsed in one go that stalls every
+        other connection. The bytes of a head are counted from its first byte until
+        ``on_headers_complete``; no more than the limit is ever fed to the parser.
+        """
+
+        #: Bytes of the current request head received so far; None while no head is
+        #: being received (from its end until the message is complete).
+        head_bytes: int | None = 0
+        #: Header fields of the current head so far, and heads completed on the connection.
+        header_count = 0
+        heads = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self.refused:
+                return  # the rest of a refused request, read only to be dropped
+            # A body chunk (head_bytes None) goes straight on: one attribute test.
+            while self.head_bytes is not None and len(data) > max_header_size - self.head_bytes:
+                # Feed only what fits: the head may end within it, the rest is its body.
+                room = max_header_size - self.head_bytes
+                heads = self.heads
+                self.head_bytes = max_header_size
+                if room:
+                    super().data_received(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self.heads == heads:  # the head did not end within the limit
+                    self.refuse_head(f"the request head is over {max_header_size} bytes")
+                    return
+                data = data[room:]
+            if self.head_bytes is not None:
+                self.head_bytes += len(data)
+            super().data_received(data)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.header_count += 1
+            if self.header_count > MAX_HEADERS:
+                self.refuse_head(f"the request has over {MAX_HEADERS} header fields")
+                # Raising is the only way to stop httptools; uvicorn turns it into a 400,
+                # which send_400_response skips as the connection is already answered.
+                raise HeadRefused
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self.head_bytes = None
+            self.header_count = 0
+            self.heads += 1
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self.head_bytes = 0  # what comes next is the next request's head
+
+        def refuse_head(self, why: str) -> None:
+            """Answer 431 (unless a reply is under way) and end the connection."""
+            self.refused = True
+            transport = self.transport
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete) and transport.can_write_eof():
+                body = b'{"detail": "%s; the connection is closed"}' % why.encode()
+                transport.write(_HEAD_TOO_LARGE % (len(body), body))
+                # A lingering close: closing with the rest of the head unread would reset
+                # the connection, and the client would lose the 431 with it. Only the
+                # sending side is shut; what still arrives is dropped until the client
+                # closes, or LINGER seconds have passed.
+                transport.write_eof()
+                self.loop.call_later(LINGER, transport.abort)
+            else:
+                transport.abort()
+            client = self.client
+            log.warning("refused a request from %s: %s", client[0] if client else "?", why)
+
+    return HeadLimitedProtocol
+
+
+#: Seconds a connection whose head was refused is kept to drop what the client still
+#: sends (nginx's lingering_timeout is 5 s; a client that has the 431 closes at once).
+LINGER = 2.0
+
+
+class HeadRefused(Exception):
+    """Raised in a parser callback to stop parsing a head that was refused."""
+
+
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
 
 
 _BAD_REQUEST = (
@@ -347,22 +501,63 @@ _REQUEST_TIMEOUT = (
 )
 
 
+def unsent(transport: Any) -> int:
+    """Bytes written to ``transport`` that the client has not taken: the transport's buffer
+    and, where the system says (Linux), the kernel's send queue, which on a fast link holds
+    a few MiB that a slow reader takes before the transport's buffer shrinks at all."""
+    size: int = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _OUTQ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+            size += int.from_bytes(queued, sys.byteorder, signed=True)
+    return size
+
+
 def close_slow_clients(
-    connections: Iterable[Any], header_timeout: float, body_timeout: float
+    connections: Iterable[Any], header_timeout: float, body_timeout: float, write_timeout: float
 ) -> int:
-    """Close connections whose request head is late or whose body stalled; how many.
+    """Close connections whose request head is late, whose body stalled or that leave
+    the replies unread; how many.
 
     A connection waits for a head from its start (or from the first byte after a finished
     request; an idle kept-alive connection is uvicorn's to close) and must have it within
     ``header_timeout``. A body being received may pause at most ``body_timeout`` between
     reads, unless the server itself paused reading. The client gets a 408 if no response
     has started; the route reading the body sees a disconnect.
+
+    A connection whose writes have stayed paused for ``write_timeout`` with the client
+    taking none of the reply is aborted: its buffered reply is dropped, the route sees a
+    disconnect, and a stream's relay cancels the replica call and releases its slot.
     """
     now = time.monotonic()
     closed = 0
     for conn in list(connections):
         transport = getattr(conn, "transport", None)
-        if transport is None or transport.is_closing():
+        if transport is None:
+            continue
+        paused = getattr(conn, "write_paused_since", 0.0)
+        if paused:
+            buffered = unsent(transport)
+            if buffered < conn.write_buffered:
+                # The client took some since the last look: slow, but reading (one large
+                # reply to a slow reader stays paused until nearly all of it is taken).
+                conn.write_paused_since = paused = now
+            conn.write_buffered = buffered
+        if paused and now - paused > write_timeout:
+            # Even if closing: close() waits for the buffer to drain, which it never will.
+            conn.write_paused_since = 0.0  # (aborted once; connection_lost follows)
+            transport.abort()
+            closed += 1
+            client = getattr(conn, "client", None)
+            log.warning(
+                "closed a connection from %s: it took none of the reply for over %gs "
+                "(--write-timeout)",
+                client[0] if client else "?",
+                write_timeout,
+            )
+            continue
+        if transport.is_closing():
             continue
         cycle = conn.cycle
         if cycle is None or cycle.response_complete:
@@ -402,7 +597,10 @@ def server_class() -> type[Any]:
             if counter % 10 == 0:  # ticks are 0.1 s apart
                 config = self.gateway.config
                 close_slow_clients(
-                    self.server_state.connections, config.header_timeout, config.body_timeout
+                    self.server_state.connections,
+                    config.header_timeout,
+                    config.body_timeout,
+                    config.write_timeout,
                 )
             return bool(await super().on_tick(counter))
 

@@ -188,10 +188,17 @@ class OpenStream:
         self._finished = False
 
     def end(self, reason: AnyServeError) -> None:
-        """Cancel the call on the API server's behalf; the client is told ``reason``."""
+        """Cancel the call on the API server's behalf; the client is told ``reason``.
+
+        The replica slot is released here and now, not when the relay finishes: the
+        relay may still be blocked writing to a client that does not read, and the slot
+        must not wait for it (the relay's own finish then counts for nothing). A stream
+        ended for shutdown counts as a success, one ended as idle as a failure, as the
+        relay would have settled them.
+        """
         if self.ended_by is None:
             self.ended_by = reason
-        self.call.cancel()
+        self.finish(self.shutting_down)
 
     def finish(self, ok: bool) -> None:
         """Cancel the call and settle the counters; only the first call counts."""
@@ -218,11 +225,12 @@ class Streams:
         self._open.discard(stream)
 
     def end_all(self) -> int:
-        """Cancel every open stream's gRPC call; each ends with an error event."""
-        for stream in list(self._open):
+        """Cancel every open stream's gRPC call; each ends with an error event. How many."""
+        ending = list(self._open)
+        for stream in ending:
             stream.shutting_down = True
             stream.end(_SHUTTING_DOWN)
-        return len(self._open)
+        return len(ending)
 
     def end_idle(self, idle_timeout: float) -> int:
         """End every stream that has sent nothing for ``idle_timeout`` seconds."""

@@ -31,7 +31,9 @@ def run(config: ApiServerConfig) -> None:
         host=config.host,
         port=config.port,
         loop="auto",
-        http=protocol_class(),
+        http=protocol_class(config.max_header_size),
+        # The same head limit if uvicorn runs on h11 (no httptools): h11 enforces it itself.
+        h11_max_incomplete_event_size=config.max_header_size,
         lifespan="on",
         access_log=False,  # RequestLog writes one line per request with its id
         # No X-Forwarded-For rewriting: nothing sits in front of the API server by default,

@@ -59,6 +59,15 @@ def capability_text(attrs: Mapping[str, Any], stream: bool = False) -> str:
     return f"{text} (stream)" if stream else text
 
 
+def registration_label(capability: Any) -> str:
+    """:func:`capability_text` of a capability in its registration form (``/registry``
+    lists them so: attributes plus ``"stream": true``); anything else as ``str``."""
+    if not isinstance(capability, Mapping):
+        return str(capability)
+    attrs = {k: v for k, v in capability.items() if k != "stream"}
+    return capability_text(attrs, capability.get("stream") is True)
+
+
 def parse_capability(capability: Mapping[str, Any] | str) -> dict[str, str]:
     """``{"type": "embed"}`` or ``"type=embed,model=x"`` → a text query."""
     if isinstance(capability, str):

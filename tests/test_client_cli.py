@@ -218,7 +218,7 @@ def test_registry_ls_lists_every_group(demo: Demo) -> None:
     result = ok("registry", "ls", "--api-server", demo.url)
     for rid in GROUPS:
         assert rid in result.stdout
-    assert "[stream]" in result.stdout
+    assert "type=chat (stream)" in result.stdout  # labels as every other table shows them
     data = json.loads(ok("registry", "ls", "--json", "--api-server", demo.url).stdout)
     assert data["total"] == len(GROUPS)
     assert {r["replica_id"] for r in data["replicas"]} == set(GROUPS)

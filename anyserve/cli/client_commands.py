@@ -15,6 +15,7 @@ from typing import Annotated, Any, BinaryIO, Optional
 
 import typer
 
+from anyserve.capability import registration_label
 from anyserve.cli.output import (
     add_text_row,
     ago,
@@ -202,15 +203,6 @@ def _matches(replica: dict[str, Any], caps: dict[str, str]) -> bool:
     return False
 
 
-def _capability_label(capability: Any) -> str:
-    from anyserve.client import capability_text
-
-    if not isinstance(capability, dict):
-        return str(capability)
-    label = ",".join(f"{k}={capability_text(v)}" for k, v in capability.items() if k != "stream")
-    return label + (" [stream]" if capability.get("stream") else "")
-
-
 @registry_app.command("ls")
 def registry_ls(
     cap: Annotated[
@@ -253,7 +245,7 @@ def registry_ls(
             table,
             str(r.get("replica_id", "?")),
             str(r.get("endpoint", "?")),
-            "\n".join(_capability_label(c) for c in r.get("capabilities") or []),
+            "\n".join(registration_label(c) for c in r.get("capabilities") or []),
             str(r.get("state", "-")),
             str(r.get("in_flight", "-")),
             str(r.get("requests", "-")),

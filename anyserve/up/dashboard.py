@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
 
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from anyserve.capability import registration_label
 from anyserve.up.snapshot import LogLine, Snapshot
 from anyserve.up.state import EventKind, Kind, Phase, State
 
@@ -69,11 +69,6 @@ def format_bytes(size: int | None) -> str:
             return f"{value:.0f} {unit}" if unit in ("B", "KB") else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GB"
-
-
-def format_capability(cap: dict[str, Any]) -> str:
-    attrs = " ".join(f"{k}={v}" for k, v in cap.items() if k != "stream")
-    return f"{attrs} (stream)" if cap.get("stream") else attrs
 
 
 def _table(title: str | None) -> Table:
@@ -138,7 +133,7 @@ def replica_table(snapshot: Snapshot) -> Table:
         justify = "left" if column in ("REPLICA", "CAPABILITIES") else "right"
         table.add_column(column, justify=justify, no_wrap=column != "CAPABILITIES")  # type: ignore[arg-type]
     for r in sorted(snapshot.replicas, key=lambda r: r.replica_id):
-        capabilities = Text("\n").join(plain(format_capability(c)) for c in r.capabilities)
+        capabilities = Text("\n").join(plain(registration_label(c)) for c in r.capabilities)
         table.add_row(
             plain(r.replica_id),
             capabilities or "-",

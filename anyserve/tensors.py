@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, overload
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
-from anyserve.errors import BadRequest
+from anyserve.errors import BadRequest, PayloadTooLarge
 
 _orjson: Any
 try:  # orjson (a dependency) is several times faster than json; json is the fallback.
@@ -176,6 +176,43 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
         return _loads(data)
     except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError included
         raise BadRequest(f"invalid JSON: {exc}") from None
+
+
+#: A JSON body may hold at most one array element per this many bytes (beyond
+#: ``JSON_FREE_ELEMENTS``). Parsing makes each element a Python object (a float 32 bytes
+#: with its list slot, a short string 58) before it becomes a protobuf field, so a body of
+#: two-byte numbers would grow the API server by 16 times its size; at one element per 16
+#: bytes the parse stays within a few times the body (docs/reliability.md, "Memory").
+JSON_BYTES_PER_ELEMENT = 16
+#: Elements any JSON body may hold whatever its size: a few MiB of Python objects at most.
+JSON_FREE_ELEMENTS = 65536
+
+
+def check_json_elements(body: bytes | bytearray, end: int | None = None) -> None:
+    """Refuse (413) a JSON body with more array elements than its size allows, unparsed.
+
+    Commas are counted, not elements: one C-speed scan, and never fewer than the elements
+    (a comma inside a string counts too, which only errs towards refusing).
+    """
+    size = len(body)
+    allowed = max(JSON_FREE_ELEMENTS, size // JSON_BYTES_PER_ELEMENT)
+    if size <= allowed:
+        return
+    elements = bytes(body).count(b",") if isinstance(body, memoryview) else body.count(b",")
+    if elements > allowed:
+        raise PayloadTooLarge(
+            f"the JSON body holds about {elements} values in {size} bytes; at most one per "
+            f"{JSON_BYTES_PER_ELEMENT} bytes ({allowed}) is parsed, as each takes a Python "
+            "object. Send large tensors in binary: raw_input_contents in a protobuf body "
+            "(POST /infer) or the v2 binary tensor extension"
+        )
+
+
+def loads_request(body: bytes | bytearray) -> pb.ModelInferRequest:
+    """A ``ModelInferRequest`` from a JSON body (:func:`request_from_json`), its element
+    count checked before parsing (:func:`check_json_elements`)."""
+    check_json_elements(body)
+    return request_from_json(loads(body))
 
 
 # -- errors -----------------------------------------------------------------------------
@@ -327,19 +364,20 @@ def _encode_item(item: Any) -> bytes:
 
 
 def _put_bytes(contents: Any, values: Sequence[Any]) -> None:
-    encoded: list[bytes] | None = None
     if set(map(type, values)) <= _STR_TYPES:
         try:
-            encoded = list(map(str.encode, values))
+            # Encoded one at a time into the field: a list of them all would hold a second
+            # Python object per element (docs/reliability.md, "Memory").
+            contents.bytes_contents.extend(map(str.encode, values))
+            return
         except UnicodeEncodeError:
-            encoded = None  # the slow path below names the element
-    if encoded is None:
-        encoded = []
-        for i, item in enumerate(values):
-            try:
-                encoded.append(_encode_item(item))
-            except ValueError as exc:
-                raise _Bad(i, str(exc)) from None
+            del contents.bytes_contents[:]  # the slow path below names the element
+    encoded: list[bytes] = []
+    for i, item in enumerate(values):
+        try:
+            encoded.append(_encode_item(item))
+        except ValueError as exc:
+            raise _Bad(i, str(exc)) from None
     contents.bytes_contents.extend(encoded)
 
 

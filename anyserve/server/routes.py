@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from anyserve.objects import ObjRef
-from anyserve.server.gateway import Gateway
+from anyserve.server.gateway import Admission, Gateway
 from anyserve.server.metrics import metrics
 from anyserve.server.replies import gateway_of, json_reply
 from anyserve.server.routing import Routing, note, routing_headers
@@ -171,28 +171,59 @@ async def stats(request: Request) -> Response:
     )
 
 
-async def _infer_input(
-    request: Request, protobuf: bool, stream: bool = False
-) -> tuple[Routing, pb.ModelInferRequest]:
-    """The routing headers and the request message (serialized protobuf or the seed's JSON)."""
+async def _read_body(request: Request) -> bytearray:
+    """The request body in one buffer, which the caller alone holds.
+
+    ``Request.body()`` joins a list of chunks (twice the body at its peak) and keeps the
+    result for the request's whole life; this grows one buffer in place and lets it go as
+    soon as it is parsed.
+    """
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
+def _parse_input(body: bytearray, protobuf: bool) -> pb.ModelInferRequest:
+    """The request message from its body (serialized protobuf or the seed's JSON)."""
     from google.protobuf.message import DecodeError
 
-    from anyserve.tensors import request_from_json
+    from anyserve.tensors import loads_request
 
-    routing = Routing.from_request(request, gateway_of(request).config.request_timeout, stream)
-    note(request, routing)
     if not protobuf:
-        return routing, request_from_json(await _json_body(request))
+        if not body:
+            raise BadRequest("the request body is empty; send a JSON object")
+        return loads_request(body)
     try:
-        return routing, pb.ModelInferRequest.FromString(await request.body())
+        return pb.ModelInferRequest.FromString(body)
     except DecodeError as exc:
         raise BadRequest(f"the body is not a serialized ModelInferRequest: {exc}") from None
 
 
+async def _infer_input(
+    request: Request, protobuf: bool, stream: bool = False
+) -> tuple[Routing, Admission, pb.ModelInferRequest]:
+    """The routing headers, a slot on a replica and the request message.
+
+    The slot is taken before a byte of the body is read: a request nobody serves (404) or
+    that the queue refuses (503) is answered without reading its body, and the bodies held
+    at once are bounded by the replicas' concurrency and the queue, not by the clients.
+    """
+    gateway = gateway_of(request)
+    routing = Routing.from_request(request, gateway.config.request_timeout, stream)
+    note(request, routing)
+    admission = await gateway.admit(routing, stream)
+    try:
+        return routing, admission, _parse_input(await _read_body(request), protobuf)
+    except BaseException:
+        gateway.withdraw(admission)
+        raise
+
+
 async def infer_protobuf(request: Request) -> Response:
     """``POST /infer``: a serialized ``ModelInferRequest`` in, ``ModelInferResponse`` out."""
-    routing, message = await _infer_input(request, protobuf=True)
-    reply, choice = await gateway_of(request).infer(message, routing)
+    routing, admission, message = await _infer_input(request, protobuf=True)
+    reply, choice = await gateway_of(request).infer(message, routing, admission)
     note(request, routing, choice)
     headers = routing_headers(choice)
     return Response(reply.SerializeToString(), media_type=_PROTOBUF, headers=headers)
@@ -202,8 +233,8 @@ async def infer_json(request: Request) -> Response:
     """``POST /infer/json``: the seed's JSON request and reply shapes."""
     from anyserve.tensors import response_to_json
 
-    routing, message = await _infer_input(request, protobuf=False)
-    reply, choice = await gateway_of(request).infer(message, routing)
+    routing, admission, message = await _infer_input(request, protobuf=False)
+    reply, choice = await gateway_of(request).infer(message, routing, admission)
     note(request, routing, choice)
     return json_reply(response_to_json(reply), headers=routing_headers(choice))
 
@@ -215,10 +246,10 @@ async def infer_stream(request: Request) -> EventStreamResponse:
     ``application/x-protobuf``.
     """
     protobuf = request.headers.get("content-type", "").startswith(_PROTOBUF)
-    routing, message = await _infer_input(request, protobuf, stream=True)
+    routing, admission, message = await _infer_input(request, protobuf, stream=True)
     client_gone = partial(disconnected, request.receive)
     gateway = gateway_of(request)
-    stream, first = await gateway.start_stream(message, routing, client_gone)
+    stream, first = await gateway.start_stream(message, routing, client_gone, admission)
     response = EventStreamResponse(gateway, stream, first, routing)
     note(request, routing, response.stream.choice)
     return response

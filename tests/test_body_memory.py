@@ -7,9 +7,11 @@ while a thread samples the server's RSS every 10 ms.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import psutil
@@ -18,7 +20,7 @@ import pytest
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.defaults import MAX_BODY_SIZE
 from anyserve.tensors import JSON_BYTES_PER_ELEMENT
-from tests.conftest import Procs, start_api_server, start_replica
+from tests.conftest import Procs, start_api_server, start_replica, wait_until
 
 MIB = 1024 * 1024
 #: The documented bound (docs/reliability.md, "Memory"): peak RSS growth per body byte.
@@ -155,3 +157,34 @@ def test_json_with_more_values_than_its_size_allows_is_refused_unparsed(procs: P
     assert reply.status_code == 413
     assert "raw_input_contents" in reply.json()["detail"]
     assert growth < 2 * len(body), f"grew {growth / MIB:.0f} MiB"
+
+
+def test_stalled_uploads_do_not_starve_the_object_routes(procs: Procs, tmp_path: Path) -> None:
+    # More stalled uploads than the shared worker-thread pool has threads (40): each has
+    # sent one byte of its body and waits; the object routes must still answer.
+    api = start_api_server(procs, extra=["--object-store", str(tmp_path / "objects")])
+    assert httpx.get(api.url + "/objects", timeout=5).status_code == 200  # the store is open
+    head = b"POST /objects HTTP/1.1\r\nHost: api\r\nContent-Length: 1000\r\n\r\nx"
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", api.port), timeout=5)
+            stalled.append(sock)
+            sock.sendall(head)
+        # Let the server take up every upload before asking.
+        wait_until(lambda: _uploads_in_flight(api.proc.pid) >= 50, timeout=10, what="uploads")
+        started = time.monotonic()
+        reply = httpx.get(api.url + "/objects", timeout=10)
+        assert reply.status_code == 200
+        assert time.monotonic() - started < 2.0
+        stored = httpx.post(api.url + "/objects?key=k", content=b"data", timeout=10)
+        assert stored.status_code == 201
+        assert httpx.get(api.url + "/objects/k", timeout=10).content == b"data"
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def _uploads_in_flight(pid: int) -> int:
+    """The API server's established TCP connections from clients (one per stalled upload)."""
+    return sum(1 for c in psutil.Process(pid).net_connections("tcp") if c.status == "ESTABLISHED")

@@ -15,6 +15,8 @@ from collections.abc import (
 from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import anyio
+import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -44,6 +46,9 @@ log = logging.getLogger("anyserve.api_server")
 #: server CPU, 1 MiB 1,000 MiB/s at 37 ms (2 shared cores); larger reads gained nothing
 #: more, nor did reading the next chunk while writing the last (the socket is the limit).
 DOWNLOAD_CHUNK = 1024 * 1024
+#: Uploads written at once, each from a thread of its own (see ``_upload_threads``); the
+#: next one waits for a thread, its body unread.
+UPLOAD_THREADS = 64
 _PROTOBUF = "application/x-protobuf"
 
 
@@ -279,14 +284,28 @@ async def upload_object(request: Request) -> Response:
         # Refused before reading a byte of it.
         raise PayloadTooLarge(f"the upload is {length} bytes; the limit is {limit} bytes")
     store = await gateway.objects()
+    write = partial(store.write_stream, _sync_chunks(request.stream()), key, content_type, limit)
     try:
-        ref = await run_in_threadpool(
-            store.write_stream, _sync_chunks(request.stream()), key, content_type, limit
-        )
+        ref = await anyio.to_thread.run_sync(write, limiter=_upload_threads(request))
     except ClientDisconnect:
         raise BadRequest("the upload ended before its last byte; nothing was stored") from None
     log.info("stored object %s (%d bytes, %s)", ref.key, ref.size, ref.content_type)
     return json_reply(ref.to_dict(), status=201)
+
+
+def _upload_threads(request: Request) -> anyio.CapacityLimiter:
+    """The threads uploads are written from, apart from the shared worker threads.
+
+    The store's writer pulls the body from its thread, so an upload holds its thread while
+    it waits for the network, up to the body timeout when the client stalls. In the shared
+    pool (40 threads) 40 slow uploads stopped every route that does file I/O; here they
+    only make the next upload wait for a thread.
+    """
+    state = request.app.state
+    limiter: anyio.CapacityLimiter | None = getattr(state, "upload_threads", None)
+    if limiter is None:
+        limiter = state.upload_threads = anyio.CapacityLimiter(UPLOAD_THREADS)
+    return limiter
 
 
 def _sync_chunks(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
@@ -306,7 +325,6 @@ def _sync_chunks(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
 
 async def download_object(request: Request) -> Response:
     """``GET /objects/{key}``: the object's raw data, streamed."""
-    import anyio.to_thread
 
     store = await gateway_of(request).objects()
     key = request.path_params["key"]

@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -188,17 +189,28 @@ JSON_BYTES_PER_ELEMENT = 16
 JSON_FREE_ELEMENTS = 65536
 
 
+# A JSON string, escapes included; an unterminated one runs to the end instead of failing,
+# so the pattern never backtracks.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+
+
 def check_json_elements(body: bytes | bytearray, end: int | None = None) -> None:
     """Refuse (413) a JSON body with more array elements than its size allows, unparsed.
 
-    Commas are counted, not elements: one C-speed scan, and never fewer than the elements
-    (a comma inside a string counts too, which only errs towards refusing).
+    Commas are counted, not elements: one C-speed scan, never fewer than the elements.
+    Only when there are too many are they counted again outside strings, so that a CSV
+    sent as text is no reason to refuse. With ``end``, only ``body[:end]`` is JSON (the
+    v2 binary extension's header).
     """
-    size = len(body)
+    size = len(body) if end is None else end
     allowed = max(JSON_FREE_ELEMENTS, size // JSON_BYTES_PER_ELEMENT)
     if size <= allowed:
         return
-    elements = bytes(body).count(b",") if isinstance(body, memoryview) else body.count(b",")
+    elements = body.count(b",", 0, size)
+    if elements > allowed:
+        # Rare, and one linear pass; the copy is at most the body.
+        json_text = body if end is None else memoryview(body)[:end]
+        elements = _JSON_STRING.sub(b"", json_text).count(b",")
     if elements > allowed:
         raise PayloadTooLarge(
             f"the JSON body holds about {elements} values in {size} bytes; at most one per "

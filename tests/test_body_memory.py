@@ -19,7 +19,8 @@ import pytest
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.defaults import MAX_BODY_SIZE
-from anyserve.tensors import JSON_BYTES_PER_ELEMENT
+from anyserve.errors import PayloadTooLarge
+from anyserve.tensors import JSON_BYTES_PER_ELEMENT, check_json_elements
 from tests.conftest import Procs, start_api_server, start_replica, wait_until
 
 MIB = 1024 * 1024
@@ -156,7 +157,8 @@ def test_json_with_more_values_than_its_size_allows_is_refused_unparsed(procs: P
         )
     assert reply.status_code == 413
     assert "raw_input_contents" in reply.json()["detail"]
-    assert growth < 2 * len(body), f"grew {growth / MIB:.0f} MiB"
+    # The body, and at most one copy of it to count its values outside strings.
+    assert growth < 3 * len(body), f"grew {growth / MIB:.0f} MiB"
 
 
 def test_stalled_uploads_do_not_starve_the_object_routes(procs: Procs, tmp_path: Path) -> None:
@@ -188,3 +190,17 @@ def test_stalled_uploads_do_not_starve_the_object_routes(procs: Procs, tmp_path:
 def _uploads_in_flight(pid: int) -> int:
     """The API server's established TCP connections from clients (one per stalled upload)."""
     return sum(1 for c in psutil.Process(pid).net_connections("tcp") if c.status == "ESTABLISHED")
+
+
+def test_the_json_element_bound_counts_values_not_commas_in_text() -> None:
+    # A CSV sent as one string: commas galore, but one element.
+    text = b"1,2,3,4\\n" * 300_000
+    check_json_elements(b'{"inputs":[{"name":"t","datatype":"BYTES","data":["' + text + b'"]}]}')
+    # The v2 binary extension: only the JSON header counts, not the data after it.
+    header = b'{"inputs":[]}'
+    check_json_elements(header + b"," * (4 * MIB), len(header))
+    dense = b'{"inputs":[{"name":"t","data":[' + b",".join([b"1"] * (1 << 20)) + b"]}]}"
+    with pytest.raises(PayloadTooLarge, match="at most one per 16 bytes"):
+        check_json_elements(dense)
+    # Small bodies are never refused, however dense.
+    check_json_elements(b'{"inputs":[{"name":"t","data":[' + b",".join([b"1"] * 60_000) + b"]}]}")

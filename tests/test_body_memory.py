@@ -111,8 +111,17 @@ def _server_with_echo(procs: Procs) -> tuple[str, int]:
         (json_many_strings, "/infer/json", JSON),
         (protobuf_raw, "/infer", PROTOBUF),
         (protobuf_many_bytes, "/infer", PROTOBUF),
+        # KServe v2 REST: the model name is the capability type.
+        (json_many_floats, "/v2/models/echo/infer", JSON),
     ],
-    ids=["json-one-string", "json-many-floats", "json-many-strings", "pb-raw", "pb-many-bytes"],
+    ids=[
+        "json-one-string",
+        "json-many-floats",
+        "json-many-strings",
+        "pb-raw",
+        "pb-many-bytes",
+        "v2-json-many-floats",
+    ],
 )
 def test_a_full_body_grows_the_server_by_at_most_the_documented_multiple(
     procs: Procs, make: Callable[[], bytes], path: str, content_type: str

@@ -49,6 +49,7 @@ from anyserve.errors import (
 )
 from anyserve.server.routing import Routing, note, routing_headers
 from anyserve.tensors import (
+    check_json_elements,
     dumps,
 )
 from anyserve.v2codec import (
@@ -64,6 +65,7 @@ from anyserve.v2codec import (
 )
 
 if TYPE_CHECKING:
+    from anyserve._proto.grpc_predict_v2_pb2 import ModelInferRequest
     from anyserve.registry import Capability, Registry
     from anyserve.server.gateway import Gateway
 
@@ -209,18 +211,16 @@ async def infer(request: Request) -> Response:
     routing = _routing(request, gateway)
     note(request, routing)
     name, version = _model(request)
-    body = decompressed(
-        await request.body(),
-        request.headers.get("content-encoding", ""),
-        max_message_bytes(gateway.config.max_body_size),
-    )
-    if not body:
-        raise BadRequest('the body is empty; send {"inputs": [...]}')
-    length = json_header_length(request.headers.get(HEADER_LENGTH), len(body))
-    message, wanted = decode_request(body, length)
+    # A slot first, then the body: a model nobody serves (404) costs no body to refuse.
+    admission = await gateway.admit(routing)
+    try:
+        message, wanted = await _decode(request, gateway)
+    except BaseException:
+        gateway.withdraw(admission)
+        raise
     message.model_name = name
     message.model_version = version
-    reply, choice = await gateway.infer(message, routing)
+    reply, choice = await gateway.infer(message, routing, admission)
     note(request, routing, choice)
     # Without a version in the path, the reply names the one that answered.
     version = version or choice.capability.match_keys.get("model", "")
@@ -230,6 +230,22 @@ async def infer(request: Request) -> Response:
         return Response(content, media_type=_JSON, headers=headers)
     headers["Inference-Header-Content-Length"] = str(header_length)
     return Response(content, media_type=_BINARY, headers=headers)
+
+
+async def _decode(
+    request: Request, gateway: Gateway
+) -> tuple[ModelInferRequest, dict[str, bool] | None]:
+    """The request message of a v2 infer body, and which outputs to return how."""
+    body = decompressed(
+        await request.body(),
+        request.headers.get("content-encoding", ""),
+        max_message_bytes(gateway.config.max_body_size),
+    )
+    if not body:
+        raise BadRequest('the body is empty; send {"inputs": [...]}')
+    length = json_header_length(request.headers.get(HEADER_LENGTH), len(body))
+    check_json_elements(body, length)
+    return decode_request(body, length)
 
 
 async def unknown(request: Request) -> Response:

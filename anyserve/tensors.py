@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -27,7 +28,7 @@ from decimal import Decimal
 from typing import Any, overload
 
 from anyserve._proto import grpc_predict_v2_pb2 as pb
-from anyserve.errors import BadElement, BadRequest
+from anyserve.errors import BadElement, BadRequest, PayloadTooLarge
 
 _orjson: Any
 try:  # orjson (a dependency) is several times faster than json; json is the fallback.
@@ -178,6 +179,56 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
         raise BadRequest(f"invalid JSON: {exc}") from None
 
 
+#: A JSON body may hold at most one array element per this many bytes (beyond
+#: ``JSON_FREE_ELEMENTS``). Parsing makes each element a Python object (a float 32 bytes
+#: with its list slot, a short string 58) before it becomes a protobuf field, so a body of
+#: two-byte numbers would grow the API server by 16 times its size; at one element per 16
+#: bytes the parse stays within a few times the body (docs/reliability.md, "Memory").
+JSON_BYTES_PER_ELEMENT = 16
+#: Elements any JSON body may hold whatever its size: enough for a large JSON tensor (an
+#: image of 1024x1024x3 values), and even as one- or two-byte elements within the documented
+#: multiple of the body (at most ~250 MiB of Python objects).
+JSON_FREE_ELEMENTS = 4 * 1024 * 1024
+
+
+# A JSON string, escapes included; an unterminated one runs to the end instead of failing,
+# so the pattern never backtracks.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+
+
+def check_json_elements(body: bytes | bytearray, end: int | None = None) -> None:
+    """Refuse (413) a JSON body with more array elements than its size allows, unparsed.
+
+    Commas are counted, not elements: one C-speed scan, never fewer than the elements.
+    Only when there are too many are they counted again outside strings, so that a CSV
+    sent as text is no reason to refuse. With ``end``, only ``body[:end]`` is JSON (the
+    v2 binary extension's header).
+    """
+    size = len(body) if end is None else end
+    allowed = max(JSON_FREE_ELEMENTS, size // JSON_BYTES_PER_ELEMENT)
+    if size <= allowed:
+        return
+    elements = body.count(b",", 0, size)
+    if elements > allowed:
+        # Rare, and one linear pass; the copy is at most the body.
+        json_text = body if end is None else memoryview(body)[:end]
+        elements = _JSON_STRING.sub(b"", json_text).count(b",")
+    if elements > allowed:
+        raise PayloadTooLarge(
+            f"the JSON body holds about {elements} values in {size} bytes; at most one per "
+            f"{JSON_BYTES_PER_ELEMENT} bytes ({allowed}) is parsed, as each takes a Python "
+            "object. Send large tensors in binary: raw_input_contents in a protobuf body "
+            "(POST /infer) or the v2 binary tensor extension"
+        )
+
+
+def loads_request(body: bytes | bytearray) -> pb.ModelInferRequest:
+    """A ``ModelInferRequest`` from a JSON body (:func:`request_from_json`), its element
+    count checked before parsing (:func:`check_json_elements`)."""
+    check_json_elements(body)
+    return request_from_json(loads(body))
+
+
 # -- errors -----------------------------------------------------------------------------
 
 
@@ -318,19 +369,20 @@ def _encode_item(item: Any) -> bytes:
 
 
 def _put_bytes(contents: Any, values: Sequence[Any]) -> None:
-    encoded: list[bytes] | None = None
     if set(map(type, values)) <= _STR_TYPES:
         try:
-            encoded = list(map(str.encode, values))
+            # Encoded one at a time into the field: a list of them all would hold a second
+            # Python object per element (docs/reliability.md, "Memory").
+            contents.bytes_contents.extend(map(str.encode, values))
+            return
         except UnicodeEncodeError:
-            encoded = None  # the slow path below names the element
-    if encoded is None:
-        encoded = []
-        for i, item in enumerate(values):
-            try:
-                encoded.append(_encode_item(item))
-            except ValueError as exc:
-                raise BadElement(i, str(exc)) from None
+            del contents.bytes_contents[:]  # the slow path below names the element
+    encoded: list[bytes] = []
+    for i, item in enumerate(values):
+        try:
+            encoded.append(_encode_item(item))
+        except ValueError as exc:
+            raise BadElement(i, str(exc)) from None
     contents.bytes_contents.extend(encoded)
 
 

@@ -873,10 +873,14 @@ def test_the_decompressed_body_limit_follows_max_body_size() -> None:
     # 80 KiB of spaces: over a 1 KiB server's limit (plus the message slack) once inflated,
     # well within the default one, where the empty JSON is then the complaint.
     body = gzip.compress(b" " * 80 * 1024)
+    # The body is read only once a replica is admitted; this one is never called, as the
+    # body is refused first.
+    replica = {"replica_id": "r", "endpoint": "127.0.0.1:1", "capabilities": [{"type": "chat"}]}
 
     async def post(config: ApiServerConfig) -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(config))
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            assert (await client.post("/register", json=replica)).status_code == 200
             return await client.post(
                 "/v2/models/chat/infer",
                 content=body,

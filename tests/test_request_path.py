@@ -117,8 +117,14 @@ def test_infer_routes_answer_errors_as_before() -> None:
     reply = call(Registry(), "POST", "/infer/json", json=BODY, headers={"X-Request-ID": "r-1"})
     assert reply.status_code == 400 and "X-Capability-" in reply.json()["detail"]
     assert reply.headers["X-Request-ID"] == "r-1"
-    reply = call(Registry(), "POST", "/infer", content=b"\xff", headers={"X-Capability-Type": "a"})
+    # A body is read once a replica is admitted (never called here: the body is refused).
+    serving = Registry()
+    serving.register(
+        {"replica_id": "r", "endpoint": "127.0.0.1:1", "capabilities": [{"type": "a"}]}
+    )
+    reply = call(serving, "POST", "/infer", content=b"\xff", headers={"X-Capability-Type": "a"})
     assert reply.status_code == 400 and "ModelInferRequest" in reply.json()["detail"]
+    assert serving.snapshot()[0]["in_flight"] == 0  # the refused body gave its slot back
     reply = call(Registry(), "POST", "/infer/json", json=BODY, headers={"X-Capability-Type": "a"})
     assert reply.status_code == 404 and "no replica serves type=a" in reply.json()["detail"]
     reply = call(Registry(), "GET", "/infer/json")

@@ -12,6 +12,7 @@ from collections.abc import (
     Callable,
     Sequence,
 )
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -257,6 +258,16 @@ class Streams:
 # --------------------------------------------------------------------------- the gateway
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A slot taken on a replica before the request's body was read (:meth:`Gateway.admit`)."""
+
+    choice: Choice
+    #: ``time.perf_counter()`` by which the request must be answered; the wait for the slot
+    #: and reading the body count against the request's timeout.
+    deadline: float
+
+
 class Gateway:
     """The API server's state and the request path: registry, channels, streams, store."""
 
@@ -482,25 +493,55 @@ class Gateway:
             )
         await asyncio.sleep(pause)
 
+    # Admission ---------------------------------------------------------------------------
+
+    async def admit(self, routing: Routing, stream: bool = False) -> Admission:
+        """Take a slot on a matching replica, waiting in the queue if need be, before the
+        body is read: a request that is refused (404, 503) costs no body, and bodies being
+        parsed at once are bounded by the replicas' concurrency.
+
+        Hand the admission to :meth:`infer` or :meth:`start_stream`, or give it back with
+        :meth:`withdraw` (the body was malformed, the client left).
+        """
+        timeout = routing.timeout if routing.timeout_given or not stream else None
+        deadline = time.perf_counter() + timeout if timeout is not None else math.inf
+        choice = self.registry.try_acquire(routing.query, stream, routing.visited)
+        if choice is None:  # every matching replica is at its limit: wait for a slot
+            choice = await self._wait(routing, stream, routing.visited, deadline)
+        return Admission(choice, deadline)
+
+    def withdraw(self, admission: Admission) -> None:
+        """Give back an admission's slot: its request is not sent."""
+        self.registry.release(admission.choice)
+
     # Unary -----------------------------------------------------------------------------
 
     async def infer(
-        self, request: pb.ModelInferRequest, routing: Routing
+        self,
+        request: pb.ModelInferRequest,
+        routing: Routing,
+        admission: Admission | None = None,
     ) -> tuple[pb.ModelInferResponse, Choice]:
         """Send ``request`` to the least-loaded usable matching replica; its reply and the choice.
 
         When every such replica is at its limit the request waits for a slot (bounded queue,
         queue timeout). A replica that cannot be reached, or that drops the connection
         before answering, is ejected and the request goes once to another; the request's
-        deadline covers the wait, every attempt and the pause between them.
+        deadline covers the wait, every attempt and the pause between them. With an
+        ``admission`` (see :meth:`admit`) the first attempt goes to its replica.
         """
-        started = time.perf_counter()
-        deadline = started + routing.timeout
+        if admission is None:
+            deadline = time.perf_counter() + routing.timeout
+        else:
+            deadline = admission.deadline
         exclude = routing.visited
         retried = False
         try:
             while True:
-                choice = self.registry.try_acquire(routing.query, False, exclude)
+                choice = admission.choice if admission is not None else None
+                admission = None
+                if choice is None:
+                    choice = self.registry.try_acquire(routing.query, False, exclude)
                 if choice is None:  # every matching replica is at its limit: wait for a slot
                     choice = await self._wait(routing, False, exclude, deadline)
                 stub = self.channels.stub(choice.endpoint)
@@ -536,6 +577,7 @@ class Gateway:
         request: pb.ModelInferRequest,
         routing: Routing,
         client_gone: Callable[[], Awaitable[None]],
+        admission: Admission | None = None,
     ) -> tuple[OpenStream, Any]:
         """Start a stream on the least-loaded usable matching replica; it and its first message.
 
@@ -547,15 +589,22 @@ class Gateway:
         cancelled even though no reply has started yet. A stream has a deadline only when
         the client set one (``timeout_given``); otherwise the idle timeout bounds it. The
         relay must set ``last_message`` for every message it reads, and settle the stream
-        with ``finish`` (errors: :meth:`relay_error`).
+        with ``finish`` (errors: :meth:`relay_error`). With an ``admission`` (see
+        :meth:`admit`) the first attempt goes to its replica.
         """
         timeout = routing.timeout if routing.timeout_given else None
-        deadline = time.perf_counter() + timeout if timeout is not None else math.inf
+        if admission is None:
+            deadline = time.perf_counter() + timeout if timeout is not None else math.inf
+        else:
+            deadline = admission.deadline
         exclude = routing.visited
         retried = False
         try:
             while True:
-                choice = self.registry.try_acquire(routing.query, True, exclude)
+                choice = admission.choice if admission is not None else None
+                admission = None
+                if choice is None:
+                    choice = self.registry.try_acquire(routing.query, True, exclude)
                 if choice is None:  # every matching replica is at its limit: wait for a slot
                     choice = await self._wait(routing, True, exclude, deadline)
                 stub = self.channels.stub(choice.endpoint)

@@ -15,6 +15,8 @@ from collections.abc import (
 from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import anyio
+import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from anyserve.objects import ObjRef
-from anyserve.server.gateway import Gateway
+from anyserve.server.gateway import Admission, Gateway
 from anyserve.server.metrics import metrics
 from anyserve.server.replies import gateway_of, json_reply
 from anyserve.server.routing import Routing, note, routing_headers
@@ -44,6 +46,9 @@ log = logging.getLogger("anyserve.api_server")
 #: server CPU, 1 MiB 1,000 MiB/s at 37 ms (2 shared cores); larger reads gained nothing
 #: more, nor did reading the next chunk while writing the last (the socket is the limit).
 DOWNLOAD_CHUNK = 1024 * 1024
+#: Uploads written at once, each from a thread of its own (see ``_upload_threads``); the
+#: next one waits for a thread, its body unread.
+UPLOAD_THREADS = 64
 _PROTOBUF = "application/x-protobuf"
 
 
@@ -171,28 +176,59 @@ async def stats(request: Request) -> Response:
     )
 
 
-async def _infer_input(
-    request: Request, protobuf: bool, stream: bool = False
-) -> tuple[Routing, pb.ModelInferRequest]:
-    """The routing headers and the request message (serialized protobuf or the seed's JSON)."""
+async def _read_body(request: Request) -> bytearray:
+    """The request body in one buffer, which the caller alone holds.
+
+    ``Request.body()`` joins a list of chunks (twice the body at its peak) and keeps the
+    result for the request's whole life; this grows one buffer in place and lets it go as
+    soon as it is parsed.
+    """
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
+def _parse_input(body: bytearray, protobuf: bool) -> pb.ModelInferRequest:
+    """The request message from its body (serialized protobuf or the seed's JSON)."""
     from google.protobuf.message import DecodeError
 
-    from anyserve.tensors import request_from_json
+    from anyserve.tensors import loads_request
 
-    routing = Routing.from_request(request, gateway_of(request).config.request_timeout, stream)
-    note(request, routing)
     if not protobuf:
-        return routing, request_from_json(await _json_body(request))
+        if not body:
+            raise BadRequest("the request body is empty; send a JSON object")
+        return loads_request(body)
     try:
-        return routing, pb.ModelInferRequest.FromString(await request.body())
+        return pb.ModelInferRequest.FromString(body)
     except DecodeError as exc:
         raise BadRequest(f"the body is not a serialized ModelInferRequest: {exc}") from None
 
 
+async def _infer_input(
+    request: Request, protobuf: bool, stream: bool = False
+) -> tuple[Routing, Admission, pb.ModelInferRequest]:
+    """The routing headers, a slot on a replica and the request message.
+
+    The slot is taken before a byte of the body is read: a request nobody serves (404) or
+    that the queue refuses (503) is answered without reading its body, and the bodies held
+    at once are bounded by the replicas' concurrency and the queue, not by the clients.
+    """
+    gateway = gateway_of(request)
+    routing = Routing.from_request(request, gateway.config.request_timeout, stream)
+    note(request, routing)
+    admission = await gateway.admit(routing, stream)
+    try:
+        return routing, admission, _parse_input(await _read_body(request), protobuf)
+    except BaseException:
+        gateway.withdraw(admission)
+        raise
+
+
 async def infer_protobuf(request: Request) -> Response:
     """``POST /infer``: a serialized ``ModelInferRequest`` in, ``ModelInferResponse`` out."""
-    routing, message = await _infer_input(request, protobuf=True)
-    reply, choice = await gateway_of(request).infer(message, routing)
+    routing, admission, message = await _infer_input(request, protobuf=True)
+    reply, choice = await gateway_of(request).infer(message, routing, admission)
     note(request, routing, choice)
     headers = routing_headers(choice)
     return Response(reply.SerializeToString(), media_type=_PROTOBUF, headers=headers)
@@ -202,8 +238,8 @@ async def infer_json(request: Request) -> Response:
     """``POST /infer/json``: the seed's JSON request and reply shapes."""
     from anyserve.tensors import response_to_json
 
-    routing, message = await _infer_input(request, protobuf=False)
-    reply, choice = await gateway_of(request).infer(message, routing)
+    routing, admission, message = await _infer_input(request, protobuf=False)
+    reply, choice = await gateway_of(request).infer(message, routing, admission)
     note(request, routing, choice)
     return json_reply(response_to_json(reply), headers=routing_headers(choice))
 
@@ -215,10 +251,10 @@ async def infer_stream(request: Request) -> EventStreamResponse:
     ``application/x-protobuf``.
     """
     protobuf = request.headers.get("content-type", "").startswith(_PROTOBUF)
-    routing, message = await _infer_input(request, protobuf, stream=True)
+    routing, admission, message = await _infer_input(request, protobuf, stream=True)
     client_gone = partial(disconnected, request.receive)
     gateway = gateway_of(request)
-    stream, first = await gateway.start_stream(message, routing, client_gone)
+    stream, first = await gateway.start_stream(message, routing, client_gone, admission)
     response = EventStreamResponse(gateway, stream, first, routing)
     note(request, routing, response.stream.choice)
     return response
@@ -248,14 +284,28 @@ async def upload_object(request: Request) -> Response:
         # Refused before reading a byte of it.
         raise PayloadTooLarge(f"the upload is {length} bytes; the limit is {limit} bytes")
     store = await gateway.objects()
+    write = partial(store.write_stream, _sync_chunks(request.stream()), key, content_type, limit)
     try:
-        ref = await run_in_threadpool(
-            store.write_stream, _sync_chunks(request.stream()), key, content_type, limit
-        )
+        ref = await anyio.to_thread.run_sync(write, limiter=_upload_threads(request))
     except ClientDisconnect:
         raise BadRequest("the upload ended before its last byte; nothing was stored") from None
     log.info("stored object %s (%d bytes, %s)", ref.key, ref.size, ref.content_type)
     return json_reply(ref.to_dict(), status=201)
+
+
+def _upload_threads(request: Request) -> anyio.CapacityLimiter:
+    """The threads uploads are written from, apart from the shared worker threads.
+
+    The store's writer pulls the body from its thread, so an upload holds its thread while
+    it waits for the network, up to the body timeout when the client stalls. In the shared
+    pool (40 threads) 40 slow uploads stopped every route that does file I/O; here they
+    only make the next upload wait for a thread.
+    """
+    state = request.app.state
+    limiter: anyio.CapacityLimiter | None = getattr(state, "upload_threads", None)
+    if limiter is None:
+        limiter = state.upload_threads = anyio.CapacityLimiter(UPLOAD_THREADS)
+    return limiter
 
 
 def _sync_chunks(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
@@ -275,7 +325,6 @@ def _sync_chunks(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
 
 async def download_object(request: Request) -> Response:
     """``GET /objects/{key}``: the object's raw data, streamed."""
-    import anyio.to_thread
 
     store = await gateway_of(request).objects()
     key = request.path_params["key"]

@@ -110,6 +110,29 @@ class ReplicaConfig:
         repr=False,
     )
 
+    def to_argv(self) -> list[str]:
+        """The arguments of ``anyserve replica`` that give this configuration back; the
+        token, the auth mode and the instance travel in the environment instead (a command
+        line is visible to every user), and ``workers`` has no option."""
+        argv = [self.app, "--host", self.host, "--port", str(self.port)]
+        if self.api_server is not None:
+            argv += ["--api-server", self.api_server]
+        if self.object_store is not None:
+            argv += ["--object-store", str(self.object_store)]
+        if self.replica_id is not None:
+            argv += ["--replica-id", self.replica_id]
+        if self.allow_pickle:
+            argv.append("--allow-pickle")
+        return [
+            *argv,
+            "--grace",
+            repr(self.grace),
+            "--max-in-flight",
+            str(self.max_in_flight),
+            "--max-message-size",
+            str(self.max_message_bytes),
+        ]
+
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
             raise ConfigError(

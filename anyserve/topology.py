@@ -31,8 +31,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from anyserve.addresses import is_loopback, reachable_host
-from anyserve.defaults import AUTH_MODE, AUTH_MODES, MAX_IN_FLIGHT, OBJECT_STORE_PATH
+from anyserve.defaults import (
+    AUTH_MODE,
+    AUTH_MODES,
+    MAX_BODY_SIZE,
+    MAX_IN_FLIGHT,
+    OBJECT_STORE_PATH,
+)
 from anyserve.errors import BadRequest, ConfigError
+from anyserve.units import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,6 +72,8 @@ class ApiServerSpec:
     """What the token guards: ``writes`` (registration, object writes) or ``all`` routes."""
     grpc_port: int | None = None
     """``grpc_port = 8081``: also serve KServe v2 gRPC (the ingress) on this port."""
+    max_body_size: int = MAX_BODY_SIZE
+    """``max_body_size = "100MiB"``: the largest infer body, and so what replicas accept."""
 
     @property
     def loopback(self) -> bool:
@@ -144,7 +153,16 @@ class Topology:
 
 
 _TOP_KEYS = ("api_server", "objects", "replicas")
-_API_KEYS = ("host", "port", "lease_ttl", "heartbeat_interval", "token", "auth", "grpc_port")
+_API_KEYS = (
+    "host",
+    "port",
+    "lease_ttl",
+    "heartbeat_interval",
+    "token",
+    "auth",
+    "grpc_port",
+    "max_body_size",
+)
 _OBJECT_KEYS = ("path", "ttl", "allow_pickle")
 _GROUP_KEYS = (
     "app",
@@ -231,6 +249,7 @@ def _api_server(ctx: _Context, table: dict[str, Any]) -> ApiServerSpec:
         token_off=token is False,
         auth=auth,
         grpc_port=ctx.port(table, (*where, "grpc_port"), None),
+        max_body_size=ctx.size(table, (*where, "max_body_size"), default.max_body_size),
     )
 
 
@@ -409,6 +428,15 @@ class _Context:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             self.wrong_type(key, "a port number 1-65535", value)
         return value
+
+    def size(self, table: Mapping[str, Any], key: tuple[str, ...], default: int) -> int:
+        if key[-1] not in table:
+            return default
+        value = table[key[-1]]
+        try:
+            return parse_size(value)
+        except ValueError:
+            self.wrong_type(key, 'bytes or a size like "100MiB", "512M", "1G"', value)
 
     def duration(
         self, table: Mapping[str, Any], key: tuple[str, ...], default: float | None

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from anyserve.cli.options import ConfigOption
+from anyserve.defaults import MAX_IN_FLIGHT, MAX_MESSAGE_BYTES, OBJECT_STORE_PATH
 
 commands = typer.Typer()
 
@@ -37,7 +38,7 @@ def replica(
     ] = None,
     object_store: Annotated[
         Path, typer.Option("--object-store", help="Object store directory shared by the replicas.")
-    ] = Path("/tmp/anyserve-objects"),
+    ] = Path(OBJECT_STORE_PATH),
     replica_id: Annotated[
         Optional[str], typer.Option("--replica-id", help="Replica identifier (default: generated).")
     ] = None,
@@ -55,17 +56,26 @@ def replica(
             min=1,
             help="Requests the API server may send this replica at once (it queues the rest).",
         ),
-    ] = 8,
+    ] = MAX_IN_FLIGHT,
+    max_message_size: Annotated[
+        int,
+        typer.Option(
+            "--max-message-size",
+            min=1,
+            help="Largest gRPC message in bytes, both ways: the API server's --max-body-size "
+            "plus 64 KiB (anyserve up passes it).",
+        ),
+    ] = MAX_MESSAGE_BYTES,
 ) -> None:
     """Serve one app's capabilities over KServe v2 gRPC.
 
     The bare form `anyserve APP --port 50051 --api-server URL` is the same command.
     """
-    from anyserve.replica import ReplicaConfig, run
+    from anyserve.replica import run
 
     run(
-        ReplicaConfig(
-            app=app_ref,
+        replica_config(
+            app_ref=app_ref,
             host=host,
             port=port,
             api_server=api_server,
@@ -74,7 +84,27 @@ def replica(
             allow_pickle=allow_pickle,
             grace=grace,
             max_in_flight=max_in_flight,
+            max_message_size=max_message_size,
         )
+    )
+
+
+def replica_config(**params: Any) -> Any:
+    """The :class:`~anyserve.replica.ReplicaConfig` the ``replica`` command's parsed options
+    describe (what ``ReplicaConfig.to_argv`` writes, this reads back)."""
+    from anyserve.replica import ReplicaConfig
+
+    return ReplicaConfig(
+        app=params["app_ref"],
+        host=params["host"],
+        port=params["port"],
+        api_server=params["api_server"],
+        object_store=params["object_store"],
+        replica_id=params["replica_id"],
+        allow_pickle=params["allow_pickle"],
+        grace=params["grace"],
+        max_in_flight=params["max_in_flight"],
+        max_message_bytes=params["max_message_size"],
     )
 
 

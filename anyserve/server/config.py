@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from anyserve import units
 from anyserve.defaults import (
     AUTH_MODE,
     AUTH_MODES,
@@ -109,18 +110,11 @@ class ApiServerConfig:
 
 
 def parse_size(text: str) -> int:
-    """``"1G"``, ``"200M"``, ``"512k"`` or a number of bytes."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
-    factor = units.get(cleaned[-1:], 1)
-    number = cleaned[:-1] if cleaned[-1:] in units else cleaned
+    """:func:`anyserve.units.parse_size` for argparse."""
     try:
-        value = int(float(number) * factor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 2G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> float:

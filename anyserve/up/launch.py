@@ -12,10 +12,12 @@ from __future__ import annotations
 import secrets
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 
 from anyserve.client import ENV_TOKEN
-from anyserve.defaults import AUTH_MODE
-from anyserve.replica import ENV_AUTH, ENV_INSTANCE
+from anyserve.defaults import max_message_bytes
+from anyserve.replica import ENV_AUTH, ENV_INSTANCE, ReplicaConfig
+from anyserve.server.config import ApiServerConfig
 from anyserve.topology import GroupSpec, Topology
 
 
@@ -42,28 +44,32 @@ def new_instance() -> str:
     return secrets.token_hex(16)
 
 
-def api_server_argv(topology: Topology) -> list[str]:
+def api_server_config(topology: Topology) -> ApiServerConfig:
+    """The API server's configuration from ``[api_server]`` and ``[objects]``; its token is
+    left out (it travels in the environment, see :func:`child_env`)."""
     api = topology.api_server
-    argv = [
-        sys.executable,
-        "-m",
-        "anyserve.api_server",
-        "--host",
-        api.host,
-        "--port",
-        str(api.port),
-        "--object-store",
-        str(topology.objects.path),
-    ]
-    if api.lease_ttl is not None:
-        argv += ["--lease-ttl", str(api.lease_ttl)]
-    if api.heartbeat_interval is not None:
-        argv += ["--heartbeat-interval", str(api.heartbeat_interval)]
-    if api.auth != AUTH_MODE:
-        argv += ["--auth", api.auth]
-    if api.grpc_port is not None:
-        argv += ["--grpc-port", str(api.grpc_port)]
-    return argv
+    defaults = ApiServerConfig(token=None)
+    return replace(
+        defaults,
+        host=api.host,
+        port=api.port,
+        object_store=topology.objects.path,
+        lease_ttl=api.lease_ttl if api.lease_ttl is not None else defaults.lease_ttl,
+        heartbeat_interval=(
+            api.heartbeat_interval
+            if api.heartbeat_interval is not None
+            else defaults.heartbeat_interval
+        ),
+        auth=api.auth,
+        grpc_port=api.grpc_port,
+        max_body_size=api.max_body_size,
+    )
+
+
+def api_server_argv(topology: Topology) -> list[str]:
+    """``python -m anyserve.api_server`` with :func:`api_server_config`'s command line."""
+    config = api_server_config(topology)
+    return [sys.executable, "-m", "anyserve.api_server", *config.to_argv(with_token=False)]
 
 
 def new_replica_id(group: GroupSpec, slot: int) -> str:
@@ -72,28 +78,29 @@ def new_replica_id(group: GroupSpec, slot: int) -> str:
     return f"{group.name}-{slot}-{secrets.token_hex(3)}"
 
 
+def replica_config(
+    topology: Topology, group: GroupSpec, port: int, replica_id: str
+) -> ReplicaConfig:
+    """One replica's configuration; what travels in the environment (token, auth mode,
+    instance) is left to :func:`child_env`."""
+    return ReplicaConfig(
+        app=group.app,
+        host=group.host,
+        port=port,
+        api_server=topology.api_server.url,
+        object_store=topology.objects.path,
+        replica_id=replica_id,
+        allow_pickle=topology.objects.allow_pickle,
+        grace=group.drain_timeout,
+        max_in_flight=group.max_in_flight,
+        # What the API server accepts, a replica accepts: one body limit for both.
+        max_message_bytes=max_message_bytes(topology.api_server.max_body_size),
+        token=None,
+        instance="",
+    )
+
+
 def replica_argv(topology: Topology, group: GroupSpec, port: int, replica_id: str) -> list[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        "anyserve",
-        "replica",
-        group.app,
-        "--host",
-        group.host,
-        "--port",
-        str(port),
-        "--api-server",
-        topology.api_server.url,
-        "--object-store",
-        str(topology.objects.path),
-        "--replica-id",
-        replica_id,
-        "--grace",
-        str(group.drain_timeout),
-        "--max-in-flight",
-        str(group.max_in_flight),
-    ]
-    if topology.objects.allow_pickle:
-        argv.append("--allow-pickle")
-    return argv
+    """``anyserve replica`` with :func:`replica_config`'s command line."""
+    config = replica_config(topology, group, port, replica_id)
+    return [sys.executable, "-m", "anyserve", "replica", *config.to_argv()]

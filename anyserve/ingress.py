@@ -37,6 +37,7 @@ from anyserve import __version__
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve._proto import grpc_predict_v2_pb2_grpc as pbg
 from anyserve.capability import format_query, query_from_metadata
+from anyserve.credentials import bearer
 from anyserve.defaults import max_message_bytes
 from anyserve.errors import (
     AnyServeError,
@@ -47,7 +48,7 @@ from anyserve.errors import (
     trailing_metadata,
 )
 from anyserve.kserve import model_versions, serving
-from anyserve.server.auth import Guard, bearer
+from anyserve.server.auth import Guard
 from anyserve.server.gateway import Gateway
 from anyserve.server.routing import Routing, request_id_for
 from anyserve.v2codec import EXTENSIONS, with_raw_outputs
@@ -124,7 +125,7 @@ class TokenCheck:
         """:class:`Unauthorized` unless ``rpc`` is open or ``metadata`` carries the token."""
         if self._token is None or not self.needs_token(rpc):
             return
-        presented = bearer(metadata.get("authorization", "").encode())
+        presented = bearer(metadata.get("authorization"))
         if not presented:
             raise Unauthorized(
                 f"{rpc} needs the API server's token: send the metadata "

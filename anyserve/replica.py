@@ -52,6 +52,7 @@ from anyserve.addresses import reachable_host
 from anyserve.app import AnyServe, Handler
 from anyserve.capability import headers_for, value_text
 from anyserve.context import Context, Stream
+from anyserve.credentials import bearer
 from anyserve.defaults import (
     AUTH_MODE,
     AUTH_MODES,
@@ -197,15 +198,6 @@ class TokenGate:
         if not hmac.compare_digest(presented, self._token):
             return f"{rpc}: the bearer token is not this replica's"
         return None
-
-
-def bearer(authorization: object) -> bytes | None:
-    """The token of an ``authorization: Bearer <token>`` value, or None."""
-    if not isinstance(authorization, str):
-        return None
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    return token.encode() if scheme.lower() == "bearer" and token else None
 
 
 class Delegator:

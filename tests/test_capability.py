@@ -22,9 +22,9 @@ from anyserve.capability import (
     parse_capability,
     value_text,
 )
+from anyserve.credentials import bearer
 from anyserve.errors import BadRequest
 from anyserve.ingress import grpc_query
-from anyserve.server.auth import bearer
 from anyserve.server.routing import REQUEST_ID, request_id_for
 
 Pairs = list[tuple[str, str]]

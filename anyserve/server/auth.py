@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from starlette.responses import Response
 
+from anyserve.credentials import bearer
 from anyserve.errors import (
     CHALLENGE,
     PayloadTooLarge,
@@ -108,12 +109,3 @@ class Guard:
             return message
 
         return receive_counted
-
-
-def bearer(authorization: bytes | None) -> bytes | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or None."""
-    if authorization is None:
-        return None
-    scheme, _, token = authorization.strip().partition(b" ")
-    token = token.strip()
-    return token if scheme.lower() == b"bearer" and token else None

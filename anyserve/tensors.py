@@ -30,6 +30,9 @@ from typing import Any, overload
 from anyserve._proto import grpc_predict_v2_pb2 as pb
 from anyserve.errors import BadElement, BadRequest, PayloadTooLarge
 
+# A raw BYTES element's length prefix (Triton's layout).
+_LENGTH = struct.Struct("<I")
+
 _orjson: Any
 try:  # orjson (a dependency) is several times faster than json; json is the fallback.
     import orjson as _orjson
@@ -925,20 +928,30 @@ def _require(request: Any, name: str) -> tuple[int, Any]:
     return found
 
 
-def _split_length_prefixed(raw: bytes, name: str) -> list[bytes]:
-    """Triton's raw BYTES layout: each element is a 4-byte little-endian length, then data."""
+def split_bytes(raw: bytes, where: str = "tensor") -> list[bytes]:
+    """The elements of a raw BYTES tensor (Triton's layout: each a 4-byte little-endian
+    length, then its data); :class:`BadRequest` naming ``where`` when it does not add up."""
     out = []
     pos, end = 0, len(raw)
+    unpack = _LENGTH.unpack_from
     while pos < end:
         if pos + 4 > end:
-            raise BadRequest(f"input {name!r}: raw BYTES contents end inside a length prefix")
-        (size,) = struct.unpack_from("<I", raw, pos)
+            raise BadRequest(f"{where}: BYTES data ends inside a 4-byte length prefix")
+        (size,) = unpack(raw, pos)
         pos += 4
         if pos + size > end:
-            raise BadRequest(f"input {name!r}: raw BYTES element of {size} bytes is truncated")
+            raise BadRequest(
+                f"{where}: a BYTES element of {size} bytes runs past the data (truncated)"
+            )
         out.append(raw[pos : pos + size])
         pos += size
     return out
+
+
+def join_bytes(items: Sequence[bytes]) -> bytes:
+    """The raw BYTES layout of ``items``: :func:`split_bytes` reads it back."""
+    pack = _LENGTH.pack
+    return b"".join(part for item in items for part in (pack(len(item)), item))
 
 
 def _raw_values(request: Any, index: int, tensor: Any) -> list[Any] | None:
@@ -948,7 +961,7 @@ def _raw_values(request: Any, index: int, tensor: Any) -> list[Any] | None:
         return None
     raw = raw_list[index]
     if tensor.datatype == "BYTES":
-        return list(_split_length_prefixed(raw, tensor.name))
+        return split_bytes(raw, f"input {tensor.name!r}")
     code = RAW_STRUCT_CODE.get(tensor.datatype)
     if code is None:
         raise BadRequest(

@@ -24,9 +24,11 @@ from anyserve.tensors import (
     DATATYPE_FIELD,
     RAW_STRUCT_CODE,
     dumps,
+    join_bytes,
     loads,
     request_from_json,
     response_to_json,
+    split_bytes,
 )
 
 if TYPE_CHECKING:
@@ -51,7 +53,6 @@ HEADER_LENGTH = "inference-header-content-length"
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 
-_LENGTH = struct.Struct("<I")
 # The catch-all route takes every method, so that a wrong one on a v2 path is answered here.
 _ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 # Parameters that describe the HTTP encoding, not the request: not passed to the handler.
@@ -59,28 +60,6 @@ _TRANSPORT_PARAMS = ("binary_data_size", "binary_data", "binary_data_output")
 
 
 # --------------------------------------------------------------------------- raw tensor codec
-
-
-def split_bytes(raw: bytes, where: str = "tensor") -> list[bytes]:
-    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then data)."""
-    out = []
-    pos, end = 0, len(raw)
-    unpack = _LENGTH.unpack_from
-    while pos < end:
-        if pos + 4 > end:
-            raise BadRequest(f"{where}: BYTES data ends inside a 4-byte length prefix")
-        (size,) = unpack(raw, pos)
-        pos += 4
-        if pos + size > end:
-            raise BadRequest(f"{where}: a BYTES element of {size} bytes runs past the data")
-        out.append(raw[pos : pos + size])
-        pos += size
-    return out
-
-
-def _join_bytes(items: Sequence[bytes]) -> bytes:
-    pack = _LENGTH.pack
-    return b"".join(part for item in items for part in (pack(len(item)), item))
 
 
 def _element_count(datatype: str, raw: bytes, where: str) -> int:
@@ -125,7 +104,7 @@ def raw_tensor(tensor: Any) -> bytes:
     if tensor.datatype == "BYTES":
         if not all(isinstance(v, bytes) for v in values):
             raise HandlerError(f"tensor {tensor.name!r}: BYTES output holds numbers, not bytes")
-        return _join_bytes(values)
+        return join_bytes(values)
     code = RAW_STRUCT_CODE.get(tensor.datatype)
     if code is None:
         raise HandlerError(f"tensor {tensor.name!r}: cannot encode datatype {tensor.datatype!r}")

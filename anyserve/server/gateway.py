@@ -369,6 +369,23 @@ class Gateway:
 
     # Choosing a replica ------------------------------------------------------------------
 
+    async def _take(
+        self,
+        routing: Routing,
+        stream: bool,
+        exclude: list[str],
+        deadline: float,
+        admission: Admission | None,
+    ) -> Choice:
+        """The slot ``admission`` took, else the least-loaded matching replica's, else the
+        first that frees while the request waits in the queue."""
+        if admission is not None:
+            return admission.choice
+        choice = self.registry.try_acquire(routing.query, stream, exclude)
+        if choice is None:  # every matching replica is at its limit: wait for a slot
+            choice = await self._wait(routing, stream, exclude, deadline)
+        return choice
+
     async def _wait(
         self, routing: Routing, stream: bool, exclude: list[str], deadline: float
     ) -> Choice:
@@ -538,12 +555,8 @@ class Gateway:
         retried = False
         try:
             while True:
-                choice = admission.choice if admission is not None else None
-                admission = None
-                if choice is None:
-                    choice = self.registry.try_acquire(routing.query, False, exclude)
-                if choice is None:  # every matching replica is at its limit: wait for a slot
-                    choice = await self._wait(routing, False, exclude, deadline)
+                choice = await self._take(routing, False, exclude, deadline, admission)
+                admission = None  # a retry takes a slot of its own
                 stub = self.channels.stub(choice.endpoint)
                 sent = time.perf_counter()
                 ok = False
@@ -601,12 +614,8 @@ class Gateway:
         retried = False
         try:
             while True:
-                choice = admission.choice if admission is not None else None
-                admission = None
-                if choice is None:
-                    choice = self.registry.try_acquire(routing.query, True, exclude)
-                if choice is None:  # every matching replica is at its limit: wait for a slot
-                    choice = await self._wait(routing, True, exclude, deadline)
+                choice = await self._take(routing, True, exclude, deadline, admission)
+                admission = None  # a retry takes a slot of its own
                 stub = self.channels.stub(choice.endpoint)
                 left = None if timeout is None else deadline - time.perf_counter()
                 call = stub.ModelStreamInfer(

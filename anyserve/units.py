@@ -21,7 +21,7 @@ def parse_size(text: str | int) -> int:
         number = cleaned[:-1].strip() if cleaned[-1:] in _UNITS else cleaned
         try:
             value = int(float(number) * factor)
-        except ValueError:
+        except (ValueError, OverflowError):  # "lots", or "inf" / "nan"
             raise ValueError(f"not a size: {text!r} (e.g. 500M, 2G)") from None
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")

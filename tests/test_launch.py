@@ -123,7 +123,7 @@ def test_the_default_body_limit_is_one_definition() -> None:
     assert ReplicaConfig(app="m:app", token=None).max_message_bytes == replica.max_message_bytes
 
 
-@pytest.mark.parametrize("value", ['"lots"', "0", "-5", "true", '"12 parsecs"'])
+@pytest.mark.parametrize("value", ['"lots"', "0", "-5", "true", '"12 parsecs"', '"inf"', '"nan"'])
 def test_a_bad_max_body_size_names_the_key(value: str) -> None:
     with pytest.raises(ConfigError, match="max_body_size"):
         loads(f'[api_server]\nmax_body_size = {value}\n[replicas.a]\napp = "m:app"\n', Path("x"))

@@ -146,8 +146,14 @@ class AnyServe:
         return record
 
     def get_capabilities(self) -> list[dict[str, Any]]:
-        """Every capability in its registration form (see :meth:`Capability.to_dict`)."""
-        return [h.capability.to_dict() for h in self.handlers]
+        """Every capability in its registration form (see :meth:`Capability.to_dict`), with
+        ``"inputs"``/``"outputs"`` when declared so the API server can answer v2 metadata."""
+        return [
+            {**h.capability.to_dict(), **h.signature.metadata()}
+            if h.signature is not None
+            else h.capability.to_dict()
+            for h in self.handlers
+        ]
 
     def find_handler(
         self, query: Mapping[str, object], stream: bool | None = None

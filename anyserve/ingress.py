@@ -47,7 +47,7 @@ from anyserve.errors import (
     grpc_code,
     trailing_metadata,
 )
-from anyserve.kserve import model_versions, serving
+from anyserve.kserve import declared_tensors, model_versions, serving
 from anyserve.server.auth import Guard
 from anyserve.server.gateway import Gateway
 from anyserve.server.routing import Routing, request_id_for
@@ -235,7 +235,13 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         except AnyServeError as exc:
             await self._abort(context, exc)
         versions = [request.version] if request.version else model_versions(found)
-        return pb.ModelMetadataResponse(name=request.name, versions=versions, platform="anyserve")
+        reply = pb.ModelMetadataResponse(name=request.name, versions=versions, platform="anyserve")
+        tensors = declared_tensors(found)
+        for t in tensors["inputs"]:
+            reply.inputs.add(**t)
+        for t in tensors["outputs"]:
+            reply.outputs.add(**t)
+        return reply
 
     # Inference --------------------------------------------------------------------------
 

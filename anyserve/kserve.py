@@ -154,6 +154,18 @@ def model_versions(capabilities: Iterable[Capability]) -> list[str]:
     return sorted({c.match_keys["model"] for c in capabilities if "model" in c.match_keys})
 
 
+def declared_tensors(capabilities: Iterable[Capability]) -> dict[str, list[dict[str, Any]]]:
+    """The ``inputs``/``outputs`` of v2 metadata: the first declaring capability's tensors
+    (replicas of one model declare the same), or empty lists for undeclared handlers."""
+    for c in capabilities:
+        if c.inputs or c.outputs:
+            return {
+                "inputs": [t.to_dict() for t in c.inputs],
+                "outputs": [t.to_dict() for t in c.outputs],
+            }
+    return {"inputs": [], "outputs": []}
+
+
 @_v2
 async def server_metadata(request: Request) -> Response:
     """``GET /v2``: server name, version and protocol extensions."""
@@ -188,8 +200,7 @@ async def model_metadata(request: Request) -> Response:
             "name": name,
             "versions": [version] if version else model_versions(capabilities),
             "platform": "anyserve",
-            "inputs": [],
-            "outputs": [],
+            **declared_tensors(capabilities),
         }
     )
 

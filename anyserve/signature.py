@@ -17,7 +17,7 @@ from typing import Any
 from anyserve.errors import BadRequest
 from anyserve.tensors import DATATYPE_FIELD, RAW_STRUCT_CODE, split_bytes
 
-__all__ = ["Signature", "Tensor"]
+__all__ = ["Signature", "Tensor", "tensors_from_json"]
 
 #: Bounds on a declaration, the same on the SDK side and wherever declarations are read.
 MAX_TENSORS = 64
@@ -62,6 +62,22 @@ class Tensor:
     def to_dict(self) -> dict[str, Any]:
         """The v2 metadata form: ``{"name", "datatype", "shape"}``."""
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def tensors_from_json(raw: Any, what: str) -> tuple[Tensor, ...]:
+    """Declarations as registered (``[{"name", "datatype", "shape"}, ...]``) read back;
+    ``ValueError`` names what is wrong."""
+    if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
+        raise ValueError(f"{what!r} must be a list of at most {MAX_TENSORS} tensors")
+    tensors = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != {"name", "datatype", "shape"}:
+            raise ValueError(f"{what!r}: each tensor is {{'name', 'datatype', 'shape'}}")
+        shape = item["shape"]
+        if not isinstance(shape, list):
+            raise ValueError(f"{what!r}: tensor {item['name']!r} has no shape list")
+        tensors.append(Tensor(item["name"], item["datatype"], shape))
+    return _tensors(tensors, what)
 
 
 def _tensors(declared: Iterable[Tensor] | None, what: str) -> tuple[Tensor, ...]:

@@ -241,3 +241,51 @@ def test_declarations_are_checked_when_declared() -> None:
     req.inputs[0].shape[0] = 4
     with pytest.raises(BadRequest, match="4 elements"):
         sig.check_request(req)
+
+
+SIMPLE_INPUTS = [
+    {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16]},
+    {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16]},
+]
+
+
+def test_api_server_metadata_lists_the_declarations_over_http_and_the_ingress(
+    cluster: Cluster,
+) -> None:
+    meta = httpx.get(cluster.api.url + "/v2/models/simple", timeout=30)
+    assert meta.status_code == 200, meta.text
+    assert meta.json()["inputs"] == SIMPLE_INPUTS
+    assert [o["name"] for o in meta.json()["outputs"]] == ["OUTPUT0", "OUTPUT1"]
+    with grpc.insecure_channel(cluster.ingress) as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        reply = stub.ModelMetadata(pb.ModelMetadataRequest(name="simple_string"), timeout=30)
+    assert [(t.name, t.datatype, list(t.shape)) for t in reply.outputs] == [
+        ("OUTPUT0", "BYTES", [1, 16]),
+        ("OUTPUT1", "BYTES", [1, 16]),
+    ]
+    # The declarations are not attributes: the registry matches on type alone.
+    (record,) = cluster.api.registry()
+    simple = next(c for c in record["capabilities"] if c.get("type") == "simple")
+    assert simple["inputs"] == SIMPLE_INPUTS
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        "INPUT0",
+        [{"name": "x", "datatype": "INT33", "shape": [1]}],
+        [{"name": "x", "datatype": "INT32", "shape": [-2]}],
+        [{"name": "x", "datatype": "INT32", "shape": [1] * 9}],
+        [{"name": "x" * 65, "datatype": "INT32", "shape": [1]}],
+        [{"name": "x", "datatype": "INT32"}],
+        [{"name": "x", "datatype": "INT32", "shape": [1]}] * 2,
+        [{"name": f"x{i}", "datatype": "INT32", "shape": [1]} for i in range(65)],
+    ],
+)
+def test_registration_declarations_are_bounded(inputs: object) -> None:
+    from anyserve.registry import Capability
+
+    with pytest.raises(BadRequest, match="capability inputs"):
+        Capability.parse({"type": "m", "inputs": inputs})
+    ok = Capability.parse({"type": "m", "inputs": SIMPLE_INPUTS, "outputs": []})
+    assert ok.attrs == {"type": "m"} and [t.name for t in ok.inputs] == ["INPUT0", "INPUT1"]

@@ -44,7 +44,7 @@ from anyserve.defaults import max_message_bytes
 from anyserve.errors import (
     AnyServeError,
     BadRequest,
-    NotFound,
+    NoMatchingCapability,
     error_headers,
 )
 from anyserve.server.routing import Routing, note, routing_headers
@@ -105,6 +105,14 @@ def _json(data: Any, headers: dict[str, str] | None = None) -> Response:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+def unknown_model(name: str, exc: AnyServeError) -> AnyServeError:
+    """``exc`` as the v2 surfaces report it: a model no replica serves starts with the words
+    Triton's and KServe's clients test for, then AnyServe's list of what is registered."""
+    if name and isinstance(exc, NoMatchingCapability):
+        return NoMatchingCapability(f"Request for unknown model: '{name}' is not found; {exc}")
+    return exc
+
+
 def _v2(endpoint: Endpoint) -> Endpoint:
     """Answer the endpoint's errors in the v2 shape ``{"error": message}``, with the headers
     the API server's other replies carry for them (``Retry-After``, ``WWW-Authenticate``)."""
@@ -114,6 +122,7 @@ def _v2(endpoint: Endpoint) -> Endpoint:
         try:
             return await endpoint(request)
         except AnyServeError as exc:
+            exc = unknown_model(request.path_params.get("name", ""), exc)
             return _error(exc.message, exc.status, error_headers(exc))
 
     return answer
@@ -194,7 +203,7 @@ async def model_metadata(request: Request) -> Response:
     name, version = _model(request)
     capabilities = list(serving(gateway.registry, routing.query))
     if not capabilities:
-        raise NotFound(gateway.registry.describe_miss(routing.query, stream=False))
+        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
     return _json(
         {
             "name": name,
@@ -211,7 +220,7 @@ async def model_ready(request: Request) -> Response:
     gateway = _gateway(request)
     routing = _routing(request, gateway)
     if next(serving(gateway.registry, routing.query), None) is None:
-        raise NotFound(gateway.registry.describe_miss(routing.query, stream=False))
+        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
     return Response(status_code=200)
 
 

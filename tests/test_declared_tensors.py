@@ -289,3 +289,36 @@ def test_registration_declarations_are_bounded(inputs: object) -> None:
         Capability.parse({"type": "m", "inputs": inputs})
     ok = Capability.parse({"type": "m", "inputs": SIMPLE_INPUTS, "outputs": []})
     assert ok.attrs == {"type": "m"} and [t.name for t in ok.inputs] == ["INPUT0", "INPUT1"]
+
+
+def test_unknown_model_errors_start_with_the_standard_words(cluster: Cluster) -> None:
+    words = "Request for unknown model: 'nope' is not found"
+    for path in ("/v2/models/nope", "/v2/models/nope/ready"):
+        reply = httpx.get(cluster.api.url + path, timeout=30)
+        assert reply.status_code == 404
+        if path.endswith("nope"):
+            assert reply.json()["error"].startswith(words)
+            assert "simple" in reply.json()["error"]  # what is registered still follows
+    reply = httpx.post(
+        cluster.api.url + "/v2/models/nope/infer", json=as_json(simple_request()), timeout=30
+    )
+    assert reply.status_code == 404 and reply.json()["error"].startswith(words)
+    with grpc.insecure_channel(cluster.ingress) as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        for call in (
+            lambda: stub.ModelInfer(simple_request("nope"), timeout=30),
+            lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"), timeout=30),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert (err.value.details() or "").startswith(words)
+            assert "simple" in (err.value.details() or "")
+    # The seed's route keeps its own wording.
+    seed = httpx.post(
+        cluster.api.url + "/infer/json",
+        json=as_json(simple_request()),
+        headers={"X-Capability-Type": "nope"},
+        timeout=30,
+    )
+    assert seed.status_code == 404 and "Request for unknown model" not in seed.text

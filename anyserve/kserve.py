@@ -12,6 +12,7 @@ Routes (``routes`` is mounted by the API server)::
     GET  /v2/health/ready                                 200: at least one replica is registered
     GET  /v2/models/{name}[/versions/{version}]           model metadata, from the registry
     GET  /v2/models/{name}[/versions/{version}]/ready     200: a replica serves it
+    GET  /v2/models/{name}[/versions/{version}]/config    Triton's model configuration
     POST /v2/models/{name}[/versions/{version}]/infer     inference
 
 Errors are ``{"error": message}`` with the status of the
@@ -214,6 +215,41 @@ async def model_metadata(request: Request) -> Response:
     )
 
 
+def triton_dims(tensor: dict[str, Any]) -> dict[str, Any]:
+    """One declared tensor in Triton's model configuration shape (``TYPE_*`` datatypes;
+    KServe's BYTES is Triton's TYPE_STRING)."""
+    datatype = tensor["datatype"]
+    return {
+        "name": tensor["name"],
+        "data_type": "TYPE_" + ("STRING" if datatype == "BYTES" else datatype),
+        "dims": tensor["shape"],
+    }
+
+
+@_v2
+async def model_config(request: Request) -> Response:
+    """``GET /v2/models/{name}[/versions/{version}]/config``: Triton's model configuration,
+    from the declared tensors, so the tools that size their requests from it work.
+    ``max_batch_size`` is 0: the declared shapes include any batch dimension."""
+    gateway = _gateway(request)
+    routing = _routing(request, gateway)
+    name, _ = _model(request)
+    capabilities = list(serving(gateway.registry, routing.query))
+    if not capabilities:
+        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
+    tensors = declared_tensors(capabilities)
+    return _json(
+        {
+            "name": name,
+            "platform": "anyserve",
+            "backend": "anyserve",
+            "max_batch_size": 0,
+            "input": [triton_dims(t) for t in tensors["inputs"]],
+            "output": [triton_dims(t) for t in tensors["outputs"]],
+        }
+    )
+
+
 @_v2
 async def model_ready(request: Request) -> Response:
     """``GET /v2/models/{name}[/versions/{version}]/ready``: 200 when a replica serves it."""
@@ -280,7 +316,7 @@ async def unknown(request: Request) -> Response:
             )
     return _error(
         f"no route {request.url.path}: AnyServe answers the KServe v2 health, server and model "
-        "metadata, ready and infer endpoints (model repository, statistics, trace, logging "
+        "metadata, config, ready and infer endpoints (model repository, statistics, trace, logging "
         "and shared memory are not supported)",
         404,
     )
@@ -293,6 +329,8 @@ routes = [
     Route("/v2/models/{name}", model_metadata, methods=["GET"]),
     Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
     Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+    Route("/v2/models/{name}/config", model_config, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/config", model_config, methods=["GET"]),
     Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
     Route("/v2/models/{name}/infer", infer, methods=["POST"]),
     Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),

@@ -322,3 +322,30 @@ def test_unknown_model_errors_start_with_the_standard_words(cluster: Cluster) ->
         timeout=30,
     )
     assert seed.status_code == 404 and "Request for unknown model" not in seed.text
+
+
+def test_model_config_is_tritons_shape_from_the_declarations(cluster: Cluster) -> None:
+    import tritonclient.http as thttp
+
+    reply = httpx.get(cluster.api.url + "/v2/models/simple_string/config", timeout=30)
+    assert reply.status_code == 200, reply.text
+    config = reply.json()
+    assert config["max_batch_size"] == 0
+    assert config["input"] == [
+        {"name": "INPUT0", "data_type": "TYPE_STRING", "dims": [1, 16]},
+        {"name": "INPUT1", "data_type": "TYPE_STRING", "dims": [1, 16]},
+    ]
+    client = thttp.InferenceServerClient(cluster.api.url.removeprefix("http://"))
+    try:
+        seen = client.get_model_config("simple")
+        assert [(i["name"], i["data_type"], i["dims"]) for i in seen["input"]] == [
+            ("INPUT0", "TYPE_INT32", [1, 16]),
+            ("INPUT1", "TYPE_INT32", [1, 16]),
+        ]
+        meta = client.get_model_metadata("simple")
+        assert meta["inputs"] == SIMPLE_INPUTS
+    finally:
+        client.close()
+    missing = httpx.get(cluster.api.url + "/v2/models/nope/config", timeout=30)
+    assert missing.status_code == 404
+    assert missing.json()["error"].startswith("Request for unknown model: 'nope' is not found")

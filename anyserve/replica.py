@@ -702,6 +702,9 @@ class Replica:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
             return
         _name_model(request, handler)
+        if handler.signature is not None:
+            # Inputs only: a stream's outputs arrive piecewise, so no one message is the whole.
+            handler.signature.check_request(request)
         stream = Stream()
         # The RPC ends (client gone, deadline, server stop): the handler's next send raises.
         context.add_done_callback(lambda _ctx: stream.cancel())

@@ -349,3 +349,16 @@ def test_model_config_is_tritons_shape_from_the_declarations(cluster: Cluster) -
     missing = httpx.get(cluster.api.url + "/v2/models/nope/config", timeout=30)
     assert missing.status_code == 404
     assert missing.json()["error"].startswith("Request for unknown model: 'nope' is not found")
+
+
+def test_declared_stream_inputs_are_checked_before_the_handler_starts(cluster: Cluster) -> None:
+    with grpc.insecure_channel(cluster.replica.endpoint) as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        good = simple_request("simple_stream")
+        assert len(list(stub.ModelStreamInfer(good, timeout=30))) == 16
+        bad = broken(_shape_input1)
+        bad.model_name = "simple_stream"
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ModelStreamInfer(bad, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input INPUT1: expected shape [1, 16], got [2, 8]" in (err.value.details() or "")

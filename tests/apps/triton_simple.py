@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from anyserve import AnyServe, ModelInferRequest, ModelInferResponse, Tensor
-from anyserve.tensors import input_list, list_output, make_response
+from anyserve.tensors import input_list, list_output, make_response, stream_chunk
 
 app = AnyServe(name="triton-simple")
 
@@ -45,3 +47,10 @@ def simple_string(request: ModelInferRequest) -> ModelInferResponse:
 def liar(request: ModelInferRequest) -> ModelInferResponse:
     """Returns FP32 where INT32 is declared: a server error, not the client's."""
     return make_response(request, list_output("OUTPUT0", [1.5], "FP32", [1, 1]))
+
+
+@app.capability(type="simple_stream", stream=True, inputs=PAIR)
+def simple_stream(request: ModelInferRequest, context: object, stream: object) -> Iterator[object]:
+    """One chunk per element of the sum: declared inputs are checked before it starts."""
+    for x, y in zip(input_list(request, "INPUT0"), input_list(request, "INPUT1"), strict=True):
+        yield stream_chunk(request, str(x + y))

@@ -33,6 +33,7 @@ __all__ = [
     "Stream",
     "StreamCancelled",
     "StreamClosed",
+    "Tensor",
     "__version__",
     "input_list",
     "input_text",
@@ -52,6 +53,7 @@ _LAZY = {
     "StreamClosed": "anyserve.errors",
     "ObjRef": "anyserve.objects",
     "ObjectStore": "anyserve.objects",
+    "Tensor": "anyserve.signature",
     "input_list": "anyserve.tensors",
     "input_text": "anyserve.tensors",
     "input_texts": "anyserve.tensors",
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
     from anyserve.context import Context, Stream
     from anyserve.errors import StreamCancelled, StreamClosed
     from anyserve.objects import ObjectStore, ObjRef
+    from anyserve.signature import Tensor
     from anyserve.tensors import (
         input_list,
         input_text,

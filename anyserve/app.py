@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from anyserve.capability import value_text
+from anyserve.signature import Signature, Tensor
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,6 +64,8 @@ class Handler:
     is_async: bool
     is_generator: bool = False
     name: str = ""
+    #: The declared tensors, or None for an undeclared handler (nothing is checked).
+    signature: Signature | None = None
 
     @property
     def wants_context(self) -> bool:
@@ -89,13 +92,24 @@ class AnyServe:
     name: str = "anyserve-app"
     handlers: list[Handler] = field(default_factory=list)
 
-    def capability(self, stream: bool = False, **attrs: AttrValue) -> Callable[[F], F]:
+    def capability(
+        self,
+        stream: bool = False,
+        inputs: Iterable[Tensor] | None = None,
+        outputs: Iterable[Tensor] | None = None,
+        **attrs: AttrValue,
+    ) -> Callable[[F], F]:
         """Declare that the decorated function serves the capability ``attrs``.
 
         Non-stream handlers take ``(request)`` or ``(request, context)`` and return a
         ``ModelInferResponse``. Stream handlers take ``(request, context, stream)`` and call
         ``stream.send(...)``, or are generators that yield the messages. ``async def``
         works for both. The function is returned unchanged.
+
+        ``inputs`` and ``outputs`` optionally declare the tensors as
+        :class:`~anyserve.signature.Tensor` (name, datatype, shape with ``-1`` for any size):
+        a request that does not fit is refused before the handler runs, and the declarations
+        are what v2 model metadata reports.
         """
         if not attrs:
             raise ValueError("a capability needs at least one attribute, e.g. type='chat'")
@@ -103,6 +117,7 @@ class AnyServe:
             if not isinstance(value, (str, int, float, bool)):
                 raise TypeError(f"capability {key}={value!r}: values are str, int, float or bool")
         cap = Capability(attrs=dict(attrs), stream=bool(stream))
+        signature = Signature(inputs, outputs)
 
         def record(func: F) -> F:
             if any(h.capability == cap for h in self.handlers):
@@ -123,6 +138,7 @@ class AnyServe:
                     is_async=inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func),
                     is_generator=is_gen,
                     name=getattr(func, "__qualname__", repr(func)),
+                    signature=signature or None,
                 )
             )
             return func
@@ -130,8 +146,14 @@ class AnyServe:
         return record
 
     def get_capabilities(self) -> list[dict[str, Any]]:
-        """Every capability in its registration form (see :meth:`Capability.to_dict`)."""
-        return [h.capability.to_dict() for h in self.handlers]
+        """Every capability in its registration form (see :meth:`Capability.to_dict`), with
+        ``"inputs"``/``"outputs"`` when declared so the API server can answer v2 metadata."""
+        return [
+            {**h.capability.to_dict(), **h.signature.metadata()}
+            if h.signature is not None
+            else h.capability.to_dict()
+            for h in self.handlers
+        ]
 
     def find_handler(
         self, query: Mapping[str, object], stream: bool | None = None

@@ -41,13 +41,13 @@ from anyserve.credentials import bearer
 from anyserve.defaults import max_message_bytes
 from anyserve.errors import (
     AnyServeError,
-    NotFound,
+    NoMatchingCapability,
     Unauthorized,
     Unavailable,
     grpc_code,
     trailing_metadata,
 )
-from anyserve.kserve import model_versions, serving
+from anyserve.kserve import declared_tensors, model_versions, serving, unknown_model
 from anyserve.server.auth import Guard
 from anyserve.server.gateway import Gateway
 from anyserve.server.routing import Routing, request_id_for
@@ -231,11 +231,17 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         try:
             query, found = self._matching(request, metadata)
             if not found:
-                raise NotFound(self.gateway.registry.describe_miss(query, stream=False))
+                raise NoMatchingCapability(self.gateway.registry.describe_miss(query, stream=False))
         except AnyServeError as exc:
-            await self._abort(context, exc)
+            await self._abort(context, unknown_model(request.name, exc))
         versions = [request.version] if request.version else model_versions(found)
-        return pb.ModelMetadataResponse(name=request.name, versions=versions, platform="anyserve")
+        reply = pb.ModelMetadataResponse(name=request.name, versions=versions, platform="anyserve")
+        tensors = declared_tensors(found)
+        for t in tensors["inputs"]:
+            reply.inputs.add(**t)
+        for t in tensors["outputs"]:
+            reply.outputs.add(**t)
+        return reply
 
     # Inference --------------------------------------------------------------------------
 
@@ -252,7 +258,7 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         except AnyServeError as exc:
             if routing is not None:
                 self._log("ModelInfer", routing, "", str(exc.status), started)
-            await self._abort(context, exc)
+            await self._abort(context, unknown_model(request.model_name, exc))
         self._log("ModelInfer", routing, choice.replica_id, "ok", started)
         await context.send_initial_metadata((("x-anyserve-replica", choice.replica_id),))
         if not reply.model_name:
@@ -278,7 +284,7 @@ class Ingress(pbg.GRPCInferenceServiceServicer):
         except AnyServeError as exc:
             if routing is not None:
                 self._log("ModelStreamInfer", routing, "", str(exc.status), started)
-            await self._abort(context, exc)
+            await self._abort(context, unknown_model(request.model_name, exc))
         replica = stream.choice.replica_id
         raw = bool(request.raw_input_contents)
         sent = 0

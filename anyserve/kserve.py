@@ -12,6 +12,7 @@ Routes (``routes`` is mounted by the API server)::
     GET  /v2/health/ready                                 200: at least one replica is registered
     GET  /v2/models/{name}[/versions/{version}]           model metadata, from the registry
     GET  /v2/models/{name}[/versions/{version}]/ready     200: a replica serves it
+    GET  /v2/models/{name}[/versions/{version}]/config    Triton's model configuration
     POST /v2/models/{name}[/versions/{version}]/infer     inference
 
 Errors are ``{"error": message}`` with the status of the
@@ -44,7 +45,7 @@ from anyserve.defaults import max_message_bytes
 from anyserve.errors import (
     AnyServeError,
     BadRequest,
-    NotFound,
+    NoMatchingCapability,
     error_headers,
 )
 from anyserve.server.routing import Routing, note, routing_headers
@@ -105,6 +106,14 @@ def _json(data: Any, headers: dict[str, str] | None = None) -> Response:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+def unknown_model(name: str, exc: AnyServeError) -> AnyServeError:
+    """``exc`` as the v2 surfaces report it: a model no replica serves starts with the words
+    Triton's and KServe's clients test for, then AnyServe's list of what is registered."""
+    if name and isinstance(exc, NoMatchingCapability):
+        return NoMatchingCapability(f"Request for unknown model: '{name}' is not found; {exc}")
+    return exc
+
+
 def _v2(endpoint: Endpoint) -> Endpoint:
     """Answer the endpoint's errors in the v2 shape ``{"error": message}``, with the headers
     the API server's other replies carry for them (``Retry-After``, ``WWW-Authenticate``)."""
@@ -114,6 +123,7 @@ def _v2(endpoint: Endpoint) -> Endpoint:
         try:
             return await endpoint(request)
         except AnyServeError as exc:
+            exc = unknown_model(request.path_params.get("name", ""), exc)
             return _error(exc.message, exc.status, error_headers(exc))
 
     return answer
@@ -154,6 +164,18 @@ def model_versions(capabilities: Iterable[Capability]) -> list[str]:
     return sorted({c.match_keys["model"] for c in capabilities if "model" in c.match_keys})
 
 
+def declared_tensors(capabilities: Iterable[Capability]) -> dict[str, list[dict[str, Any]]]:
+    """The ``inputs``/``outputs`` of v2 metadata: the first declaring capability's tensors
+    (replicas of one model declare the same), or empty lists for undeclared handlers."""
+    for c in capabilities:
+        if c.inputs or c.outputs:
+            return {
+                "inputs": [t.to_dict() for t in c.inputs],
+                "outputs": [t.to_dict() for t in c.outputs],
+            }
+    return {"inputs": [], "outputs": []}
+
+
 @_v2
 async def server_metadata(request: Request) -> Response:
     """``GET /v2``: server name, version and protocol extensions."""
@@ -182,14 +204,48 @@ async def model_metadata(request: Request) -> Response:
     name, version = _model(request)
     capabilities = list(serving(gateway.registry, routing.query))
     if not capabilities:
-        raise NotFound(gateway.registry.describe_miss(routing.query, stream=False))
+        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
     return _json(
         {
             "name": name,
             "versions": [version] if version else model_versions(capabilities),
             "platform": "anyserve",
-            "inputs": [],
-            "outputs": [],
+            **declared_tensors(capabilities),
+        }
+    )
+
+
+def triton_dims(tensor: dict[str, Any]) -> dict[str, Any]:
+    """One declared tensor in Triton's model configuration shape (``TYPE_*`` datatypes;
+    KServe's BYTES is Triton's TYPE_STRING)."""
+    datatype = tensor["datatype"]
+    return {
+        "name": tensor["name"],
+        "data_type": "TYPE_" + ("STRING" if datatype == "BYTES" else datatype),
+        "dims": tensor["shape"],
+    }
+
+
+@_v2
+async def model_config(request: Request) -> Response:
+    """``GET /v2/models/{name}[/versions/{version}]/config``: Triton's model configuration,
+    from the declared tensors, so the tools that size their requests from it work.
+    ``max_batch_size`` is 0: the declared shapes include any batch dimension."""
+    gateway = _gateway(request)
+    routing = _routing(request, gateway)
+    name, _ = _model(request)
+    capabilities = list(serving(gateway.registry, routing.query))
+    if not capabilities:
+        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
+    tensors = declared_tensors(capabilities)
+    return _json(
+        {
+            "name": name,
+            "platform": "anyserve",
+            "backend": "anyserve",
+            "max_batch_size": 0,
+            "input": [triton_dims(t) for t in tensors["inputs"]],
+            "output": [triton_dims(t) for t in tensors["outputs"]],
         }
     )
 
@@ -200,7 +256,7 @@ async def model_ready(request: Request) -> Response:
     gateway = _gateway(request)
     routing = _routing(request, gateway)
     if next(serving(gateway.registry, routing.query), None) is None:
-        raise NotFound(gateway.registry.describe_miss(routing.query, stream=False))
+        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
     return Response(status_code=200)
 
 
@@ -260,7 +316,7 @@ async def unknown(request: Request) -> Response:
             )
     return _error(
         f"no route {request.url.path}: AnyServe answers the KServe v2 health, server and model "
-        "metadata, ready and infer endpoints (model repository, statistics, trace, logging "
+        "metadata, config, ready and infer endpoints (model repository, statistics, trace, logging "
         "and shared memory are not supported)",
         404,
     )
@@ -273,6 +329,8 @@ routes = [
     Route("/v2/models/{name}", model_metadata, methods=["GET"]),
     Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
     Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+    Route("/v2/models/{name}/config", model_config, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/config", model_config, methods=["GET"]),
     Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
     Route("/v2/models/{name}/infer", infer, methods=["POST"]),
     Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),

@@ -328,6 +328,28 @@ SCHEMAS: dict[str, Any] = {
         },
         "required": ["name", "platform", "inputs", "outputs"],
     },
+    "TritonTensorConfig": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "data_type": {"type": "string", "examples": ["TYPE_INT32", "TYPE_STRING"]},
+            "dims": {"type": "array", "items": {"type": "integer", "minimum": -1}},
+        },
+        "required": ["name", "data_type", "dims"],
+    },
+    "TritonModelConfig": {
+        "type": "object",
+        "description": "Triton's model configuration, from the declared tensors",
+        "properties": {
+            "name": {"type": "string"},
+            "platform": {"type": "string"},
+            "backend": {"type": "string"},
+            "max_batch_size": {"type": "integer", "minimum": 0},
+            "input": {"type": "array", "items": _ref("TritonTensorConfig")},
+            "output": {"type": "array", "items": _ref("TritonTensorConfig")},
+        },
+        "required": ["name", "platform", "max_batch_size", "input", "output"],
+    },
     "V2InferRequest": {
         "type": "object",
         "properties": {
@@ -497,6 +519,19 @@ def _v2_model_ops(versioned: bool) -> dict[str, dict[str, Any]]:
                 "parameters": params,
                 "responses": {
                     "200": _json(_ref("V2ModelMetadata"), "the model as the registry knows it"),
+                    "400": _v2_error("malformed headers"),
+                    "404": _v2_error("no such model"),
+                },
+            }
+        },
+        "config": {
+            "get": {
+                "tags": ["KServe v2"],
+                "summary": f"Triton model configuration by {which}",
+                "operationId": f"v2ModelConfig{'Version' if versioned else ''}",
+                "parameters": params,
+                "responses": {
+                    "200": _json(_ref("TritonModelConfig"), "the declared tensors, Triton's shape"),
                     "400": _v2_error("malformed headers"),
                     "404": _v2_error("no such model"),
                 },
@@ -819,9 +854,11 @@ def _paths() -> dict[str, Any]:
         },
         "/v2/models/{name}": model["metadata"],
         "/v2/models/{name}/ready": model["ready"],
+        "/v2/models/{name}/config": model["config"],
         "/v2/models/{name}/infer": model["infer"],
         "/v2/models/{name}/versions/{version}": versioned["metadata"],
         "/v2/models/{name}/versions/{version}/ready": versioned["ready"],
+        "/v2/models/{name}/versions/{version}/config": versioned["config"],
         "/v2/models/{name}/versions/{version}/infer": versioned["infer"],
     }
 

@@ -46,6 +46,7 @@ from anyserve.errors import (
     RegistryFull,
     TooManyRegistrations,
 )
+from anyserve.signature import Tensor, tensors_from_json
 
 __all__ = [
     "Capability",
@@ -111,6 +112,8 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # Keys travel as X-Capability-<Key> headers and gRPC metadata: printable ASCII, no spaces.
 _KEY_CHARS = frozenset(map(chr, range(0x21, 0x7F)))
 # Control characters (C0, DEL, C1) would forge lines in logs and terminals.
+# Registration keys that carry tensor declarations rather than matching attributes.
+_DECLARED = ("inputs", "outputs")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -155,6 +158,9 @@ class Capability:
     metadata: str = field(default="", compare=False, repr=False)
     #: How it is shown (:func:`capability_text`), precomputed: 404 messages list many.
     label: str = field(default="", compare=False, repr=False)
+    #: Declared tensors, for v2 metadata; never matched against (they are not attributes).
+    inputs: tuple[Tensor, ...] = field(default=(), compare=False, repr=False)
+    outputs: tuple[Tensor, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def parse(cls, raw: Any) -> Capability:
@@ -164,7 +170,14 @@ class Capability:
         stream = raw.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"capability 'stream' must be true or false, got {stream!r}")
-        if len(raw) - ("stream" in raw) > MAX_ATTRIBUTES:
+        declared: dict[str, tuple[Tensor, ...]] = {}
+        for key in _DECLARED:
+            if key in raw:
+                try:
+                    declared[key] = tensors_from_json(raw[key], key)
+                except (TypeError, ValueError) as exc:
+                    raise BadRequest(f"capability {key}: {exc}") from None
+        if len(raw) - ("stream" in raw) - len(declared) > MAX_ATTRIBUTES:
             raise BadRequest(f"a capability may have at most {MAX_ATTRIBUTES} attributes")
         attrs: dict[str, Any] = {}
         for key, value in raw.items():
@@ -177,7 +190,7 @@ class Capability:
                     f"capability keys must be 1 to {MAX_KEY_LENGTH} printable ASCII characters "
                     f"without spaces, got {_shorten(key)}"
                 )
-            if key == "stream":
+            if key == "stream" or key in declared:
                 continue
             if value is None or not isinstance(value, (str, int, float, bool)):
                 raise BadRequest(
@@ -203,6 +216,8 @@ class Capability:
                 ensure_ascii=True,
             ),
             label=capability_text(attrs, stream),
+            inputs=declared.get("inputs", ()),
+            outputs=declared.get("outputs", ()),
         )
 
     def matches(self, query: Mapping[str, str], stream: bool) -> bool:
@@ -214,7 +229,11 @@ class Capability:
 
     def to_dict(self) -> dict[str, Any]:
         """The registration form: attributes plus ``"stream": true`` when streaming."""
-        return {**self.attrs, "stream": True} if self.stream else dict(self.attrs)
+        out = {**self.attrs, "stream": True} if self.stream else dict(self.attrs)
+        if self.inputs or self.outputs:
+            out["inputs"] = [t.to_dict() for t in self.inputs]
+            out["outputs"] = [t.to_dict() for t in self.outputs]
+        return out
 
     def __str__(self) -> str:
         return self.label or capability_text(self.attrs, self.stream)

@@ -387,7 +387,17 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         if not matches:
             await context.abort(grpc.StatusCode.NOT_FOUND, self.r.not_found_message(query))
         versions = sorted({str(h.capability.attrs.get("model", "")) for h in matches} - {""})
-        return pb.ModelMetadataResponse(name=request.name, versions=versions, platform="anyserve")
+        reply = pb.ModelMetadataResponse(name=request.name, versions=versions, platform="anyserve")
+        # The declarations of the best match (exact first), as Triton lists a model's tensors.
+        best = self.r.app.find_handler(query)
+        if best is not None and best.signature is not None:
+            for tensors, target in (
+                (best.signature.inputs, reply.inputs),
+                (best.signature.outputs, reply.outputs),
+            ):
+                for t in tensors:
+                    target.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        return reply
 
     # Inference ---------------------------------------------------------------
 
@@ -623,6 +633,8 @@ class Replica:
             log.info("request %s: delegating %s", ctx.request_id, query)
             return await delegator.forward(query, request, ctx, visited)
         _name_model(request, handler)
+        if handler.signature is not None:
+            handler.signature.check_request(request)
         self._in_flight += 1
         try:
             args: tuple[Any, ...] = (request, ctx)[: handler.arity]
@@ -646,6 +658,12 @@ class Replica:
             )
             log.error("request %s: %s", ctx.request_id, message)
             raise AnyServeError(message)
+        if handler.signature is not None:
+            broken = handler.signature.check_response(response)
+            if broken:  # the handler's fault, not the client's: a 500 and a log line
+                message = f"handler {handler.name} broke its declared outputs: {broken}"
+                log.error("request %s: %s", ctx.request_id, message)
+                raise AnyServeError(message)
         if request.raw_input_contents:
             # Triton's clients send raw tensors and read raw outputs back (as Triton answers).
             from anyserve.v2codec import with_raw_outputs
@@ -684,6 +702,9 @@ class Replica:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
             return
         _name_model(request, handler)
+        if handler.signature is not None:
+            # Inputs only: a stream's outputs arrive piecewise, so no one message is the whole.
+            handler.signature.check_request(request)
         stream = Stream()
         # The RPC ends (client gone, deadline, server stop): the handler's next send raises.
         context.add_done_callback(lambda _ctx: stream.cancel())

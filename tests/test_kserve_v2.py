@@ -601,7 +601,7 @@ def test_status_codes_of_failures(api: ApiServer) -> None:
 
 
 def test_unknown_v2_paths_and_methods_answer_in_the_v2_shape(api: ApiServer) -> None:
-    config = get(api, "/v2/models/chat/config")
+    config = get(api, "/v2/models/chat/trace/setting")
     assert config.status_code == 404
     assert "model repository" in config.json()["error"]
     wrong = httpx.delete(api.url + "/v2/models/chat/ready")

@@ -159,6 +159,17 @@ def serving(registry: Registry, query: Mapping[str, str]) -> Iterator[Capability
                 yield capability
 
 
+def _served(request: Request) -> tuple[str, str, list[Capability]]:
+    """The path's model name and version, and the capabilities serving it; 404 if none."""
+    gateway = _gateway(request)
+    routing = _routing(request, gateway)
+    name, version = _model(request)
+    capabilities = list(serving(gateway.registry, routing.query))
+    if not capabilities:
+        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
+    return name, version, capabilities
+
+
 def model_versions(capabilities: Iterable[Capability]) -> list[str]:
     """The ``model`` values of ``capabilities``: a v2 model's versions."""
     return sorted({c.match_keys["model"] for c in capabilities if "model" in c.match_keys})
@@ -199,12 +210,7 @@ async def server_ready(request: Request) -> Response:
 @_v2
 async def model_metadata(request: Request) -> Response:
     """``GET /v2/models/{name}[/versions/{version}]``: the model as the registry knows it."""
-    gateway = _gateway(request)
-    routing = _routing(request, gateway)
-    name, version = _model(request)
-    capabilities = list(serving(gateway.registry, routing.query))
-    if not capabilities:
-        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
+    name, version, capabilities = _served(request)
     return _json(
         {
             "name": name,
@@ -231,12 +237,7 @@ async def model_config(request: Request) -> Response:
     """``GET /v2/models/{name}[/versions/{version}]/config``: Triton's model configuration,
     from the declared tensors, so the tools that size their requests from it work.
     ``max_batch_size`` is 0: the declared shapes include any batch dimension."""
-    gateway = _gateway(request)
-    routing = _routing(request, gateway)
-    name, _ = _model(request)
-    capabilities = list(serving(gateway.registry, routing.query))
-    if not capabilities:
-        raise NoMatchingCapability(gateway.registry.describe_miss(routing.query, stream=False))
+    name, _, capabilities = _served(request)
     tensors = declared_tensors(capabilities)
     return _json(
         {
